@@ -1,0 +1,67 @@
+"""The store's SQLite schema (SQLAlchemy).  One table per concept; invariants in comments.
+
+Schema changes bump `SCHEMA_VERSION` and add a step to `UPGRADES`; a store with a
+newer version than this code knows is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = 1
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class StoreInfo(Base):
+    """Key/value facts about the store: schema_version, base_path, created."""
+
+    __tablename__ = "store_info"
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    value: Mapped[str] = mapped_column(String)
+
+
+class LayerRow(Base):
+    """A directory of changes under layers/<id>.  Invariant: a frozen layer never
+    changes again; parent_id is the layer directly beneath (NULL = the base)."""
+
+    __tablename__ = "layers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("layers.id"))
+    frozen: Mapped[bool] = mapped_column(default=False)
+    created: Mapped[datetime]
+
+
+class BranchRow(Base):
+    """A named, writable view.  Invariant: top_layer_id is unfrozen and owned by
+    exactly this branch; fork_layer_id is the frozen layer it was forked on
+    (NULL = forked from the base); parent_branch_id is where commit goes (NULL = base)."""
+
+    __tablename__ = "branches"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String, unique=True)
+    parent_branch_id: Mapped[int | None] = mapped_column(ForeignKey("branches.id"))
+    top_layer_id: Mapped[int] = mapped_column(ForeignKey("layers.id"))
+    fork_layer_id: Mapped[int | None] = mapped_column(ForeignKey("layers.id"))
+    created: Mapped[datetime]
+    state: Mapped[str] = mapped_column(String, default="active")
+
+
+class MountRow(Base):
+    """A running daemon.  Rows whose pid is dead or whose mountpoint is no longer
+    in /proc/mounts are stale and removed by whoever notices."""
+
+    __tablename__ = "mounts"
+    __table_args__ = (UniqueConstraint("mountpoint"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    branch_id: Mapped[int] = mapped_column(ForeignKey("branches.id"))
+    mountpoint: Mapped[str] = mapped_column(String)
+    pid: Mapped[int]
+    mode: Mapped[str] = mapped_column(String, default="pinned")
+    started: Mapped[datetime]
+    log_path: Mapped[str] = mapped_column(String, default="")

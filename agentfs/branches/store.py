@@ -1,0 +1,341 @@
+"""The branch store: one directory per base, holding meta.db and the layer data.
+
+    <store>/meta.db          SQLite (WAL) through SQLAlchemy: layers, branches, mounts
+    <store>/layers/<id>/     copy-on-write layer data (see overlay/layers.py)
+    <store>/run/             daemon logs
+
+A registry under ``$AGENTFS_HOME`` maps base directories to their stores so that
+commands run inside a project find its store without flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session
+
+from agentfs.branches.schema import (
+    SCHEMA_VERSION,
+    Base,
+    BranchRow,
+    LayerRow,
+    MountRow,
+    StoreInfo,
+)
+from agentfs.errors import UserError
+
+BRANCH_NAME_MAX = 100
+_BAD_NAME = re.compile(r"[/\x00-\x1f\x7f]")
+
+
+def agentfs_home() -> Path:
+    home = os.environ.get("AGENTFS_HOME")
+    return Path(home) if home else Path.home() / ".local" / "share" / "agentfs"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _set_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()
+
+
+def validate_branch_name(name: str) -> None:
+    if not name or not name.strip():
+        raise UserError("branch name must not be empty")
+    if _BAD_NAME.search(name):
+        raise UserError(f"branch name {name!r} must not contain '/' or control characters")
+    if len(name) > BRANCH_NAME_MAX:
+        raise UserError(f"branch name is too long ({len(name)} > {BRANCH_NAME_MAX} characters)")
+    if name in (".", "..") or name.startswith("-"):
+        raise UserError(f"branch name {name!r} is not allowed")
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    id: int
+    name: str
+    parent: str | None
+    top_layer: int
+    layer_stack: tuple[int, ...]  # top first, excluding the base
+    created: datetime
+    state: str
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    branch: str
+    pid: int
+    mode: str
+    started: datetime
+    log_path: str
+
+
+class Store:
+    """An opened store.  Short transactions only; safe for several processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        db = root / "meta.db"
+        if not db.is_file():
+            raise UserError(f"{root} is not an agentfs store (no meta.db); run `agentfs init`")
+        self.engine: Engine = _make_engine(db)
+        version = self.info("schema_version")
+        if version is None or int(version) > SCHEMA_VERSION:
+            raise UserError(f"store {root} has schema version {version}, this agentfs knows "
+                            f"{SCHEMA_VERSION}; upgrade agentfs")
+        base = self.info("base_path")
+        assert base is not None
+        self.base = Path(base)
+
+    # -- creation and discovery ------------------------------------------
+    @classmethod
+    def create(cls, base: Path, root: Path | None = None) -> Store:
+        base = base.expanduser()
+        if not base.exists():
+            raise UserError(f"base directory {base} does not exist")
+        if not base.is_dir():
+            raise UserError(f"base {base} is not a directory")
+        base = base.resolve()
+        if root is None:
+            root = agentfs_home() / "stores" / _store_dir_name(base)
+        root = root.expanduser().absolute()
+        if (root / "meta.db").exists():
+            raise UserError(f"a store already exists at {root}")
+        if _is_within(root, base):
+            raise UserError(f"the store ({root}) must not be inside the base ({base})")
+        for sub in ("layers", "run"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        _check_xattrs(root)
+        engine = _make_engine(root / "meta.db")
+        Base.metadata.create_all(engine)
+        with Session(engine) as s, s.begin():
+            s.add_all([StoreInfo(key="schema_version", value=str(SCHEMA_VERSION)),
+                       StoreInfo(key="base_path", value=str(base)),
+                       StoreInfo(key="created", value=_now().isoformat())])
+        engine.dispose()
+        register(base, root)
+        return cls(root)
+
+    @classmethod
+    def find(cls, explicit: str | None = None, cwd: Path | None = None) -> Store:
+        """--store, then $AGENTFS_STORE, then the store registered for a base containing cwd."""
+        chosen = explicit or os.environ.get("AGENTFS_STORE")
+        if chosen:
+            return cls(Path(chosen).expanduser().absolute())
+        here = (cwd or Path.cwd()).resolve()
+        best: tuple[int, str] | None = None
+        for base, root in load_registry().items():
+            if _is_within(here, Path(base)) and (best is None or len(base) > best[0]):
+                best = (len(base), root)
+        if best is None:
+            raise UserError("no agentfs store found for this directory; pass --store DIR, "
+                            "set AGENTFS_STORE, or run `agentfs init BASE`")
+        return cls(Path(best[1]))
+
+    # -- metadata -----------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine) as s, s.begin():
+            yield s
+
+    def info(self, key: str) -> str | None:
+        with Session(self.engine) as s:
+            row = s.get(StoreInfo, key)
+            return row.value if row else None
+
+    def layer_dir(self, layer_id: int) -> Path:
+        return self.root / "layers" / str(layer_id)
+
+    # -- branches -------------------------------------------------------------
+    def create_branch(self, name: str, from_branch: str | None = None) -> BranchInfo:
+        validate_branch_name(name)
+        with self.session() as s:
+            if s.scalar(select(BranchRow).where(BranchRow.name == name)) is not None:
+                raise UserError(f"branch {name!r} already exists")
+            parent_row = None
+            fork_layer = None
+            if from_branch is not None:
+                parent_row = self._branch_row(s, from_branch)
+                if s.scalar(select(MountRow).where(MountRow.branch_id == parent_row.id)):
+                    raise UserError(f"branch {from_branch!r} is mounted; unmount it before "
+                                    "forking (live fork is not supported yet)")
+                # freeze the parent's top; parent and child each get a fresh top on it
+                old_top = s.get(LayerRow, parent_row.top_layer_id)
+                assert old_top is not None
+                old_top.frozen = True
+                parent_top = LayerRow(parent_id=old_top.id, created=_now())
+                s.add(parent_top)
+                s.flush()
+                parent_row.top_layer_id = parent_top.id
+                fork_layer = old_top.id
+            top = LayerRow(parent_id=fork_layer, created=_now())
+            s.add(top)
+            s.flush()
+            row = BranchRow(name=name, parent_branch_id=parent_row.id if parent_row else None,
+                            top_layer_id=top.id, fork_layer_id=fork_layer, created=_now())
+            s.add(row)
+            s.flush()
+            self.layer_dir(top.id).mkdir(parents=True, exist_ok=True)
+            if parent_row is not None:
+                self.layer_dir(parent_row.top_layer_id).mkdir(parents=True, exist_ok=True)
+            return self._branch_info(s, row)
+
+    def branch(self, name: str) -> BranchInfo:
+        with Session(self.engine) as s:
+            return self._branch_info(s, self._branch_row(s, name))
+
+    def branches(self) -> list[BranchInfo]:
+        with Session(self.engine) as s:
+            rows = s.scalars(select(BranchRow).order_by(BranchRow.id)).all()
+            return [self._branch_info(s, r) for r in rows]
+
+    def _branch_row(self, s: Session, name: str) -> BranchRow:
+        row = s.scalar(select(BranchRow).where(BranchRow.name == name))
+        if row is None:
+            known = ", ".join(s.scalars(select(BranchRow.name)).all()) or "none"
+            raise UserError(f"unknown branch {name!r} (branches: {known})")
+        return row
+
+    def _branch_info(self, s: Session, row: BranchRow) -> BranchInfo:
+        stack = []
+        layer_id: int | None = row.top_layer_id
+        while layer_id is not None:
+            stack.append(layer_id)
+            layer = s.get(LayerRow, layer_id)
+            layer_id = layer.parent_id if layer else None
+        parent = s.get(BranchRow, row.parent_branch_id) if row.parent_branch_id else None
+        return BranchInfo(id=row.id, name=row.name, parent=parent.name if parent else None,
+                          top_layer=row.top_layer_id, layer_stack=tuple(stack),
+                          created=row.created, state=row.state)
+
+    # -- mounts ---------------------------------------------------------------
+    def add_mount(self, branch: str, mountpoint: str, pid: int, mode: str,
+                  log_path: str) -> None:
+        with self.session() as s:
+            row = self._branch_row(s, branch)
+            for old in s.scalars(select(MountRow).where(MountRow.mountpoint == mountpoint)):
+                s.delete(old)
+            s.flush()
+            s.add(MountRow(branch_id=row.id, mountpoint=mountpoint, pid=pid, mode=mode,
+                           started=_now(), log_path=log_path))
+
+    def remove_mount(self, mountpoint: str) -> None:
+        with self.session() as s:
+            for row in s.scalars(select(MountRow).where(MountRow.mountpoint == mountpoint)):
+                s.delete(row)
+
+    def mounts(self, prune: bool = True) -> list[MountInfo]:
+        """Live mounts; stale rows (dead daemon or not mounted) are pruned."""
+        mounted = mounted_paths()
+        out, stale = [], []
+        with Session(self.engine) as s:
+            for row in s.scalars(select(MountRow).order_by(MountRow.id)):
+                if _pid_alive(row.pid) and row.mountpoint in mounted:
+                    b = s.get(BranchRow, row.branch_id)
+                    out.append(MountInfo(row.mountpoint, b.name if b else "?", row.pid,
+                                         row.mode, row.started, row.log_path))
+                else:
+                    stale.append(row.mountpoint)
+        if prune:
+            for mp in stale:
+                self.remove_mount(mp)
+        return out
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _make_engine(db: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{db}")
+    event.listen(engine, "connect", _set_pragmas)
+    return engine
+
+
+def _store_dir_name(base: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(str(base).encode()).hexdigest()[:12]
+    return f"{base.name or 'root'}-{digest}"
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    try:
+        path.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_xattrs(root: Path) -> None:
+    probe = root / "run" / ".xattr-probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.agentfs.probe", b"1")
+    except OSError as exc:
+        raise UserError(f"the store filesystem at {root} does not support user xattrs "
+                        f"({exc.strerror}); choose another --store location") from None
+    finally:
+        probe.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mounted_paths() -> set[str]:
+    """Mountpoints currently in the kernel's table (octal escapes decoded)."""
+    out = set()
+    with open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1:
+                raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[1])
+                out.add(os.fsdecode(raw))
+    return out
+
+
+# -- registry -------------------------------------------------------------------
+def _registry_path() -> Path:
+    return agentfs_home() / "registry.json"
+
+
+def load_registry() -> dict[str, str]:
+    try:
+        data = json.loads(_registry_path().read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def register(base: Path, root: Path) -> None:
+    reg = load_registry()
+    reg[str(base)] = str(root)
+    path = _registry_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(reg, indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -1,0 +1,40 @@
+"""`agentfs init` and `agentfs status`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agentfs.branches.store import Store
+from agentfs.cli.common import open_store, print_json
+
+
+def init(ctx: typer.Context, base: Path = typer.Argument(..., help="the project directory"),
+         store: Path | None = typer.Option(None, "--store", help="where to keep the store"),
+         ) -> None:
+    """Create a store for BASE (the directory agents will work on)."""
+    explicit = store or (Path(ctx.obj["store"]) if ctx.obj.get("store") else None)
+    s = Store.create(base, explicit)
+    typer.echo(f"initialised store {s.root} for base {s.base}")
+
+
+def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show the store, its branches and live mounts."""
+    s = open_store(ctx)
+    branches, mounts = s.branches(), s.mounts()
+    if as_json:
+        print_json({"store": str(s.root), "base": str(s.base),
+                    "branches": [{"name": b.name, "parent": b.parent, "created": b.created,
+                                  "layers": list(b.layer_stack)} for b in branches],
+                    "mounts": mounts})
+        return
+    console = Console()
+    console.print(f"store: {s.root}\nbase:  {s.base}")
+    table = Table("branch", "parent", "created", "mounted at")
+    for b in branches:
+        at = ", ".join(m.mountpoint for m in mounts if m.branch == b.name)
+        table.add_row(b.name, b.parent or "(base)", f"{b.created:%Y-%m-%d %H:%M:%S}", at or "-")
+    console.print(table)

@@ -1,0 +1,268 @@
+"""pyfuse3 front end: a thin adapter from FUSE requests to the overlay engine.
+
+One error boundary (`_boundary`): engine errors become their errno, OSError its
+errno, anything unexpected is logged with its traceback and answered with EIO, so
+the mount never dies of a bug.  pyfuse3 runs every handler on one trio thread, so
+the engine needs no locking here.
+
+Kernel caching (pinned mode): the daemon is the only writer of a pinned branch,
+so entries and attributes are cached for `CACHE_TIMEOUT` seconds, negative lookups
+too, file pages are kept across opens (keep_cache) and the writeback cache is on
+(the kernel owns size/mtime of dirty files; setattr applies what it sends).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, ParamSpec, TypeVar
+
+import pyfuse3
+
+from agentfs.errors import FsError
+from agentfs.overlay.attrs import Attr
+from agentfs.overlay.engine import Overlay
+from agentfs.overlay.hostio import join
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT: Final = 300.0
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class AgentfsOperations(pyfuse3.Operations):
+    """FUSE operations for one overlay view."""
+
+    enable_writeback_cache = True
+
+    def __init__(self, overlay: Overlay, cache_timeout: float = CACHE_TIMEOUT) -> None:
+        super().__init__()
+        self.ov = overlay
+        self.timeout = cache_timeout
+        self._dirs: dict[int, tuple[str, list[str]]] = {}
+        self._next_dir = 1
+
+    # -- helpers ---------------------------------------------------------
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        e.st_size = attr.size
+        e.st_blocks = attr.blocks
+        e.st_blksize = attr.blksize
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        return e
+
+    def _path(self, inode: int, name: bytes | None = None) -> str:
+        base = self.ov.inodes.path(inode)
+        return base if name is None else join(base, os.fsdecode(name))
+
+    def _new(self, path: str, attr: Attr) -> pyfuse3.EntryAttributes:
+        self.ov.inodes.remember(attr.ino, path)
+        return self._entry(attr)
+
+    # -- namespace -------------------------------------------------------
+    @_boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        if name == b".":
+            return self._entry(self.ov.getattr_ino(parent_inode))
+        path = self._path(parent_inode, name)
+        if name == b"..":
+            parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
+            return self._new(parent, self.ov.getattr(parent))
+        try:
+            return self._entry(self.ov.lookup(path))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = self.timeout
+            return neg
+
+    @_boundary
+    async def forget(self, inode_list: Any) -> None:
+        for ino, count in inode_list:
+            self.ov.forget(ino, count)
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._entry(self.ov.getattr_ino(inode))
+
+    @_boundary
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
+        path = self.ov.inodes.path(inode) if self.ov.inodes.has_path(inode) else None
+        result = self.ov.setattr(
+            path,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh)
+        return self._entry(result)
+
+    @_boundary
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return os.fsencode(self.ov.readlink(self._path(inode)))
+
+    @_boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        path = self._path(parent_inode, name)
+        return self._new(path, self.ov.mknod(path, mode, rdev, ctx.uid, ctx.gid))
+
+    @_boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        path = self._path(parent_inode, name)
+        return self._new(path, self.ov.mkdir(path, mode, ctx.uid, ctx.gid))
+
+    @_boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        path = self._path(parent_inode, name)
+        return self._new(path, self.ov.symlink(path, os.fsdecode(target), ctx.uid, ctx.gid))
+
+    @_boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        dst = self._path(new_parent_inode, new_name)
+        return self._new(dst, self.ov.link(self._path(inode), dst))
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.ov.unlink(self._path(parent_inode, name))
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.ov.rmdir(self._path(parent_inode, name))
+
+    @_boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self.ov.rename(self._path(parent_inode_old, name_old),
+                       self._path(parent_inode_new, name_new), flags)
+
+    # -- files -------------------------------------------------------------
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        fh = self.ov.open(self._path(inode), flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> Any:
+        path = self._path(parent_inode, name)
+        fh, attr = self.ov.create(path, flags, mode, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new(path, attr)
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.ov.read(fh, off, size)
+
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.ov.write(fh, off, buf)
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        return None  # data goes straight to the host file; nothing is buffered here
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.ov.fsync(fh, datasync)
+
+    @_boundary
+    async def release(self, fh: int) -> None:
+        self.ov.release(fh)
+
+    # -- directories ------------------------------------------------------------
+    @_boundary
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        path = self._path(inode)
+        names = self.ov.listdir(path)
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = (path, names)
+        return fh
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        path, names = self._dirs[fh]
+        if start_id == 0:  # (re)start: a fresh snapshot, so rewinddir sees changes
+            names = self.ov.listdir(path)
+            self._dirs[fh] = (path, names)
+        for i in range(start_id, len(names)):
+            child = join(path, names[i])
+            try:
+                attr = self.ov.getattr(child)
+            except FsError:
+                continue  # removed since the snapshot
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._entry(attr), i + 1):
+                break
+            self.ov.inodes.remember(attr.ino, child)
+
+    @_boundary
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # directory changes are renames/creates on the host, already durable
+
+    # -- misc -------------------------------------------------------------------
+    @_boundary
+    async def statfs(self, ctx: Any) -> Any:
+        st = self.ov.statfs()
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                      "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, field, getattr(st, field))
+        return out
+
+    @_boundary
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        return self.ov.access(self._path(inode), mode, ctx.uid, [ctx.gid])
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return self.ov.getxattr(self._path(inode), os.fsdecode(name))
+
+    @_boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.ov.setxattr(self._path(inode), os.fsdecode(name), value)
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [os.fsencode(n) for n in self.ov.listxattr(self._path(inode))]
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self.ov.removexattr(self._path(inode), os.fsdecode(name))

@@ -1,0 +1,155 @@
+"""Starting and stopping mounts from the CLI: checks, readiness, clean unmount."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agentfs.branches.store import Store, load_registry, mounted_paths
+from agentfs.errors import UserError
+
+READY_TIMEOUT = 30.0
+EXIT_TIMEOUT = 30.0
+
+
+def check_fuse() -> None:
+    """Fail with one clear line if this machine cannot mount FUSE filesystems."""
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("FUSE is unavailable: /dev/fuse does not exist "
+                        "(load the fuse module or run with --device /dev/fuse)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UserError("FUSE is unavailable: no permission to open /dev/fuse")
+    if shutil.which("fusermount3") is None:
+        raise UserError("FUSE is unavailable: fusermount3 not found (apt install fuse3)")
+
+
+def check_mountpoint(mountpoint: Path) -> str:
+    if not mountpoint.exists():
+        raise UserError(f"mountpoint {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise UserError(f"mountpoint {mountpoint} is not a directory")
+    path = str(mountpoint.resolve())
+    if path in mounted_paths():
+        raise UserError(f"mountpoint {path} is busy: something is already mounted there")
+    if any(mountpoint.iterdir()):
+        raise UserError(f"mountpoint {path} is not empty")
+    return path
+
+
+def start_mount(store: Store, branch: str, mountpoint: Path, debug: bool = False) -> int:
+    """Start a background daemon and return its pid once the mount is ready."""
+    store.branch(branch)  # unknown branch -> UserError before anything starts
+    check_fuse()
+    path = check_mountpoint(mountpoint)
+    log_path = store.root / "run" / f"mount-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.log"
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "agentfs.mount.daemon", "--store", str(store.root),
+           "--branch", branch, "--mountpoint", path, "--ready-fd", str(w),
+           "--log-path", str(log_path)]
+    if debug:
+        cmd.append("--debug")
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, pass_fds=(w,),
+                                start_new_session=True)
+    os.close(w)
+    try:
+        message = _read_ready(r, proc)
+    finally:
+        os.close(r)
+    if message != "OK":
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=10)
+        reason = message[4:] if message.startswith("ERR ") else _tail(log_path)
+        raise UserError(reason or f"mount failed (see {log_path})")
+    return proc.pid
+
+
+def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    buf = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if b"\n" in buf:
+                break
+        elif proc.poll() is not None:
+            break
+    else:
+        return "ERR the mount did not become ready within 30 s"
+    return buf.decode(errors="replace").strip()
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _syncfs(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def find_mount_pid(mountpoint: str, store: Store | None) -> int | None:
+    stores = [store] if store is not None else []
+    if not stores:
+        for root in set(load_registry().values()):
+            with contextlib.suppress(UserError):
+                stores.append(Store(Path(root)))
+    for s in stores:
+        for m in s.mounts(prune=False):
+            if m.mountpoint == mountpoint:
+                return m.pid
+    return None
+
+
+def unmount(mountpoint: Path, store: Store | None = None, lazy: bool = False) -> None:
+    """Flush, unmount, and wait for the daemon to exit."""
+    path = str(mountpoint.expanduser().resolve()) if mountpoint.exists() else str(mountpoint)
+    if path not in mounted_paths():
+        raise UserError(f"{path} is not mounted")
+    pid = find_mount_pid(path, store)
+    with contextlib.suppress(OSError):
+        _syncfs(path)
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        err = res.stderr.strip()
+        if "busy" in err.lower():
+            raise UserError(f"{path} is busy (a process is using it); close it or use --lazy")
+        raise UserError(f"could not unmount {path}: {err or 'fusermount3 failed'}")
+    if pid is not None:
+        _wait_exit(pid)
+
+
+def _wait_exit(pid: int) -> None:
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        time.sleep(0.05)
+    raise UserError(f"daemon {pid} did not exit within {EXIT_TIMEOUT:.0f} s after unmount")

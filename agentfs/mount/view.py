@@ -1,0 +1,17 @@
+"""Build an overlay view of one branch from the store."""
+
+from __future__ import annotations
+
+from agentfs.branches.store import Store
+from agentfs.errors import UserError
+from agentfs.overlay.engine import Overlay
+from agentfs.overlay.layers import Layer
+
+
+def open_branch_view(store: Store, branch: str) -> Overlay:
+    info = store.branch(branch)
+    if not store.base.is_dir():
+        raise UserError(f"base directory {store.base} is missing")
+    layers = [Layer.open_store_layer(lid, str(store.layer_dir(lid))) for lid in info.layer_stack]
+    layers.append(Layer.open_base(str(store.base)))
+    return Overlay(layers)

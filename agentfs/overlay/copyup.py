@@ -1,0 +1,107 @@
+"""Copying lower objects into the top layer.
+
+Data is copied into the layer's work area and renamed into place, so a crash at
+any point leaves either the old view or the complete copy, never half a file.
+Holes are preserved (SEEK_DATA/SEEK_HOLE), so a sparse 5 GiB file costs what its
+data costs.  Ownership, mode, times and user xattrs travel with the copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import stat
+
+from agentfs.overlay.hostio import HostDir
+from agentfs.overlay.layers import MARKER
+
+_tmp_names = itertools.count()
+
+
+def temp_name() -> str:
+    return f"tmp.{os.getpid()}.{next(_tmp_names)}"
+
+
+def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy *size* bytes, skipping holes where the filesystem reports them."""
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(src_fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            data = offset
+        try:
+            hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        pos = data
+        while pos < min(hole, size):
+            want = min(hole, size) - pos
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, want, pos, pos)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                chunk = os.pread(src_fd, min(want, 1 << 20), pos)
+                n = os.pwrite(dst_fd, chunk, pos) if chunk else 0
+            if n == 0:
+                break
+            pos += n
+        offset = hole
+    os.ftruncate(dst_fd, size)
+
+
+def copy_xattrs(src: HostDir, src_rel: str, dst: HostDir, dst_rel: str) -> None:
+    """Copy user-visible xattrs (never our marker) from one object to another."""
+    try:
+        names = src.listxattr(src_rel)
+    except OSError:
+        return
+    for name in names:
+        if name == MARKER or not name.startswith("user."):
+            continue
+        try:
+            dst.setxattr(dst_rel, name, src.getxattr(src_rel, name))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
+                raise
+
+
+def clone_object(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,
+                 dst_rel: str, with_data: bool = True) -> None:
+    """Create a copy of one non-directory object at *dst_rel* (which must not exist)."""
+    kind = stat.S_IFMT(st.st_mode)
+    if kind == stat.S_IFREG:
+        fd = dst.open(dst_rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if with_data and st.st_size:
+                sfd = src.open(src_rel, os.O_RDONLY)
+                try:
+                    copy_data(sfd, fd, st.st_size)
+                finally:
+                    os.close(sfd)
+        finally:
+            os.close(fd)
+    elif kind == stat.S_IFLNK:
+        dst.symlink(src.readlink(src_rel), dst_rel)
+    elif kind == stat.S_IFDIR:
+        dst.mkdir(dst_rel, 0o700)
+    else:
+        dst.mknod(dst_rel, st.st_mode, st.st_rdev)
+    copy_metadata(src, src_rel, st, dst, dst_rel)
+
+
+def copy_metadata(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,
+                  dst_rel: str) -> None:
+    kind = stat.S_IFMT(st.st_mode)
+    if kind != stat.S_IFLNK:
+        copy_xattrs(src, src_rel, dst, dst_rel)
+    with contextlib.suppress(PermissionError):  # an unprivileged daemon keeps its own uid
+        dst.chown(dst_rel, st.st_uid, st.st_gid)
+    if kind != stat.S_IFLNK:
+        dst.chmod(dst_rel, stat.S_IMODE(st.st_mode))
+    dst.utime(dst_rel, st.st_atime_ns, st.st_mtime_ns)

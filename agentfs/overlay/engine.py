@@ -1,0 +1,685 @@
+"""The copy-on-write overlay engine: every filesystem operation, by path.
+
+The engine knows nothing about FUSE.  Front ends call these methods and turn
+`FsError` into an errno reply.  Paths are '/'-separated, relative to the view's
+root ('' is the root), with names as str (os.fsdecode, so odd bytes survive).
+
+Layers: ``layers[0]`` is the branch's writable top, the last one is the base.
+Only the top is ever written.  The top tree mirrors overlay paths one to one
+(redirects only change where *lower* content is found), so the top rel of any
+path is the path itself.
+
+Concurrency: not thread-safe.  pyfuse3 runs handlers on one trio thread; the
+mfusepy front end holds a lock around each call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from agentfs.errors import FsError
+from agentfs.overlay import copyup
+from agentfs.overlay.attrs import Attr
+from agentfs.overlay.hostio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
+from agentfs.overlay.inodes import ROOT_INO, InodeTable
+from agentfs.overlay.layers import MARKER, STORE_INO_TAG, WHITEOUT_MODE, Layer
+from agentfs.overlay.resolve import Loc, Resolver
+
+log = logging.getLogger(__name__)
+
+NAME_MAX: Final = 255
+_ACCMODE: Final = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
+_ORPHANS: Final = "orphans"
+
+
+@dataclass(slots=True)
+class Handle:
+    """An open file: a host fd that is re-pointed when its file is copied up."""
+
+    ino: int
+    fd: int
+    flags: int
+    on_top: bool
+
+
+class Overlay:
+    """A merged, copy-on-write view of a layer stack."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        if layers[0].is_base or layers[0].work is None:
+            raise ValueError("the top layer must be a writable store layer")
+        self.layers = layers
+        self.top = layers[0]
+        self.tree: HostDir = layers[0].tree
+        self.work: HostDir = layers[0].work
+        self.resolver = Resolver(layers)
+        self.inodes = InodeTable()
+        self.handles: dict[int, Handle] = {}
+        self._by_ino: dict[int, set[int]] = {}
+        self._fh = itertools.count(1)
+        self._orphans: dict[int, str] = {}
+        self._base_dev = layers[-1].tree.dev
+        self._prepare_work()
+
+    def _prepare_work(self) -> None:
+        """Clear staging left by a crash; nothing in work/ is ever visible."""
+        for entry in self.work.listdir(""):
+            self.work.remove_tree(entry.name)
+        self.work.mkdir(_ORPHANS, 0o700)
+
+    def close(self) -> None:
+        for fh in list(self.handles):
+            self.release(fh)
+
+    # ------------------------------------------------------------------ lookup
+    def _locate(self, path: str) -> Loc:
+        loc = self.resolver.locate(path)
+        if loc is None:
+            raise FsError(errno.ENOENT, path)
+        return loc
+
+    def _ino(self, path: str, loc: Loc, st: os.stat_result) -> int:
+        if not path:
+            return ROOT_INO
+        layer = self.layers[loc.layer]
+        if layer.is_base:
+            if st.st_dev == self._base_dev:
+                return st.st_ino
+            return ((st.st_dev & 0xFFFF) << 44 | st.st_ino) & ~STORE_INO_TAG or 2
+        origin = layer.meta(loc.host, loc.rel, st).get("origin")
+        return int(origin) if origin else STORE_INO_TAG | st.st_ino
+
+    def _attr(self, path: str, loc: Loc) -> Attr:
+        st = loc.host.lstat(loc.rel)
+        ino = self._ino(path, loc, st)
+        nlink = None
+        if loc.is_dir and len(loc.parts) > 1:
+            nlink = 1  # merged directory: subdirectory count unknown (as overlayfs)
+        elif loc.kind == stat.S_IFREG and not self.layers[loc.layer].is_base:
+            layer = self.layers[loc.layer]
+            if ino in layer.indexed:
+                lower_only = int(layer.meta(loc.host, loc.rel, st).get("lower_only", 0))
+                nlink = st.st_nlink - 1 + lower_only
+        return Attr.from_stat(ino, st, nlink)
+
+    def getattr(self, path: str) -> Attr:
+        return self._attr(path, self._locate(path))
+
+    def lookup(self, path: str) -> Attr:
+        """getattr that also counts a kernel reference to the inode."""
+        _check_name(path)
+        attr = self.getattr(path)
+        self.inodes.remember(attr.ino, path)
+        return attr
+
+    def forget(self, ino: int, count: int) -> None:
+        if self.inodes.forget(ino, count):
+            self._reap(ino)
+
+    def getattr_ino(self, ino: int) -> Attr:
+        if self.inodes.has_path(ino):
+            return self.getattr(self.inodes.path(ino))
+        for fh in self._by_ino.get(ino, ()):
+            st = os.fstat(self.handles[fh].fd)
+            return Attr.from_stat(ino, st, nlink=0)
+        raise FsError(errno.ENOENT)
+
+    def exists(self, path: str) -> bool:
+        return self.resolver.locate(path) is not None
+
+    def readlink(self, path: str) -> str:
+        loc = self._locate(path)
+        if loc.kind != stat.S_IFLNK:
+            raise FsError(errno.EINVAL)
+        return loc.host.readlink(loc.rel)
+
+    def listdir(self, path: str) -> list[str]:
+        """Names visible in directory *path* (top layer first, then lower layers)."""
+        loc = self._locate(path)
+        if not loc.is_dir:
+            raise FsError(errno.ENOTDIR)
+        seen: dict[str, None] = {}
+        for layer_idx, rel in loc.parts:
+            host = self.layers[layer_idx].tree
+            try:
+                entries = host.listdir(rel)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+                raise
+            for entry in entries:
+                seen.setdefault(entry.name, None)
+        return [n for n in seen if self.resolver.locate(join(path, n)) is not None]
+
+    def readdir(self, path: str) -> list[tuple[str, Attr]]:
+        out = []
+        for name in self.listdir(path):
+            child = join(path, name)
+            loc = self.resolver.locate(child)
+            if loc is not None:
+                out.append((name, self._attr(child, loc)))
+        return out
+
+    # ------------------------------------------------------------- copy-up
+    def _ensure_dir_on_top(self, path: str) -> None:
+        """Make directory *path* exist in the top tree (metadata copy, no children)."""
+        loc = self._locate(path)
+        if not loc.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if loc.own_rel is not None:
+            return
+        parent, _ = split(path)
+        self._ensure_dir_on_top(parent)
+        st = loc.host.lstat(loc.rel)
+        ino = self._ino(path, loc, st)
+        self.tree.mkdir(path, 0o700)
+        copyup.copy_metadata(loc.host, loc.rel, st, self.tree, path)
+        self.top.set_meta(self.tree, path, {"origin": ino})
+        self.resolver.invalidate(path)
+
+    def _copy_up(self, path: str, with_data: bool = True) -> Loc:
+        """Bring a non-directory into the top layer; returns its new location."""
+        loc = self._locate(path)
+        if loc.layer == 0:
+            return loc
+        if loc.is_dir:
+            self._ensure_dir_on_top(path)
+            return self._locate(path)
+        parent, _ = split(path)
+        self._ensure_dir_on_top(parent)
+        st = loc.host.lstat(loc.rel)
+        ino = self._ino(path, loc, st)
+        tmp = copyup.temp_name()
+        copyup.clone_object(loc.host, loc.rel, st, self.work, tmp, with_data)
+        if loc.kind == stat.S_IFREG and loc.lower_nlink > 1:
+            # every name of a hard-linked lower file must see the one copy: index it
+            assert self.top.index is not None
+            self.top.set_meta(self.work, tmp, {"origin": ino, "lower_only": loc.lower_nlink})
+            self.work.rename_to(tmp, self.top.index, str(loc.lower_ino))
+            self.top.indexed.add(loc.lower_ino)
+            self.resolver.invalidate_all()  # other names now resolve to the index
+        else:
+            if loc.kind in (stat.S_IFREG, stat.S_IFDIR):
+                self.top.set_meta(self.work, tmp, {"origin": ino})
+            self.work.rename_to(tmp, self.tree, path)
+            self.resolver.invalidate(path)
+        new = self._locate(path)
+        self._repoint_handles(ino, new)
+        return new
+
+    def _repoint_handles(self, ino: int, loc: Loc) -> None:
+        for fh in self._by_ino.get(ino, ()):
+            h = self.handles[fh]
+            if h.on_top:
+                continue
+            fd = loc.host.open(loc.rel, os.O_RDONLY)
+            os.close(h.fd)
+            h.fd, h.on_top = fd, True
+
+    def _name_on_top(self, path: str, loc: Loc) -> None:
+        """Give a copied-up hard-linked file (served from the index) a tree name."""
+        if loc.host is self.tree:
+            return
+        self._drop_lower_name(loc)
+        self._place(path, lambda h, r: loc.host.link_to(loc.rel, h, r))
+
+    def _drop_lower_name(self, loc: Loc) -> None:
+        """One lower name of an indexed inode is going away (or moving to the tree)."""
+        st = loc.host.lstat(loc.rel)
+        meta = dict(self.top.meta(loc.host, loc.rel, st))
+        meta["lower_only"] = max(0, int(meta.get("lower_only", 1)) - 1)
+        self.top.set_meta(loc.host, loc.rel, meta)
+
+    # ------------------------------------------------------------- whiteouts
+    def _make_whiteout(self) -> str:
+        tmp = copyup.temp_name()
+        fd = self.work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
+        os.close(fd)
+        self.work.chmod(tmp, 0)
+        self.top.set_meta(self.work, tmp, {"wh": 1})
+        return tmp
+
+    def _remove_from_top(self, path: str, whiteout: bool, ino: int) -> None:
+        """Take *path* out of the top tree, leaving a whiteout if lower content exists."""
+        st = self.tree.try_lstat(path)
+        if whiteout:
+            tmp = self._make_whiteout()
+            if st is None:
+                self.work.rename_to(tmp, self.tree, path)
+                return
+            self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
+            self._discard(tmp, st, ino)
+        elif st is not None:
+            if stat.S_ISDIR(st.st_mode):
+                self.tree.remove_tree(path)
+                self.top.drop_meta(st.st_ino)
+            elif self._pinned(ino) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                self._orphan(self.tree, path, ino)
+            else:
+                self.tree.unlink(path)
+                self.top.drop_meta(st.st_ino)
+
+    def _discard(self, work_rel: str, st: os.stat_result, ino: int) -> None:
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._pinned(ino):
+            self._orphan(self.work, work_rel, ino)
+        else:
+            self.work.remove_tree(work_rel)
+            self.top.drop_meta(st.st_ino)
+
+    def _pinned(self, ino: int) -> bool:
+        return self.inodes.referenced(ino) or bool(self._by_ino.get(ino))
+
+    def _orphan(self, host: HostDir, rel: str, ino: int) -> None:
+        """Keep an unlinked-but-referenced file alive (so its host inode isn't reused)."""
+        name = f"{_ORPHANS}/{ino}.{copyup.temp_name()}"
+        host.rename_to(rel, self.work, name)
+        self._orphans[ino] = name
+
+    def _reap(self, ino: int) -> None:
+        if self._pinned(ino):
+            return
+        name = self._orphans.pop(ino, None)
+        if name is not None:
+            st = self.work.try_lstat(name)
+            self.work.unlink(name)
+            if st is not None:
+                self.top.drop_meta(st.st_ino)
+
+    # ----------------------------------------------------- creating objects
+    def _prepare_new(self, path: str) -> None:
+        _check_name(path)
+        parent, _ = split(path)
+        ploc = self._locate(parent)
+        if not ploc.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if self.resolver.locate(path) is not None:
+            raise FsError(errno.EEXIST)
+        self._ensure_dir_on_top(parent)
+
+    def _place(self, path: str, make: Callable[[HostDir, str], None],
+               meta: dict[str, Any] | None = None) -> None:
+        """Create an object at *path*, atomically replacing a whiteout if there is one."""
+        wh = self.tree.try_lstat(path)
+        if wh is None and not meta:
+            make(self.tree, path)
+        else:
+            tmp = copyup.temp_name()
+            make(self.work, tmp)
+            if meta:
+                self.top.set_meta(self.work, tmp, meta)
+            if wh is None:
+                self.work.rename_to(tmp, self.tree, path)
+            else:  # exchange: a directory cannot be renamed over the whiteout file
+                self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
+                self.work.unlink(tmp)
+                self.top.drop_meta(wh.st_ino)
+        self.resolver.invalidate(path)
+
+    def _parent_stat(self, path: str) -> os.stat_result:
+        ploc = self._locate(split(path)[0])
+        return ploc.host.lstat(ploc.rel)
+
+    def _own(self, path: str, uid: int, gid: int) -> None:
+        pst = self._parent_stat(path)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+        with contextlib.suppress(PermissionError):
+            self.tree.chown(path, uid, gid)
+
+    def mkdir(self, path: str, mode: int, uid: int, gid: int) -> Attr:
+        self._prepare_new(path)
+        whiteout_there = self.tree.try_lstat(path) is not None
+        self._place(path, lambda h, r: h.mkdir(r, 0o700), {"opaque": 1} if whiteout_there else None)
+        pst = self._parent_stat(path)
+        self._own(path, uid, gid)
+        self.tree.chmod(path, (mode & 0o7777) | (pst.st_mode & stat.S_ISGID))
+        return self.getattr(path)
+
+    def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        self._prepare_new(path)
+        if stat.S_ISCHR(mode) and rdev == 0 and mode & 0o7777 == 0:
+            raise FsError(errno.EPERM)
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind == stat.S_IFREG:
+            self._place(path, lambda h, r: os.close(h.open(r, os.O_CREAT | os.O_EXCL, 0o600)))
+        else:
+            self._place(path, lambda h, r: h.mknod(r, kind | 0o600, rdev))
+        self._own(path, uid, gid)
+        self.tree.chmod(path, mode & 0o7777)
+        return self.getattr(path)
+
+    def symlink(self, path: str, target: str, uid: int, gid: int) -> Attr:
+        self._prepare_new(path)
+        self._place(path, lambda h, r: h.symlink(target, r))
+        self._own(path, uid, gid)
+        return self.getattr(path)
+
+    def create(self, path: str, flags: int, mode: int, uid: int, gid: int) -> tuple[int, Attr]:
+        """O_CREAT open; O_EXCL semantics are the caller's (EEXIST if it exists)."""
+        if self.resolver.locate(path) is not None:
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST)
+            return self.open(path, flags & ~os.O_CREAT), self.getattr(path)
+        self._prepare_new(path)
+        self._place(path, lambda h, r: os.close(h.open(r, os.O_CREAT | os.O_EXCL, 0o600)))
+        self._own(path, uid, gid)
+        self.tree.chmod(path, mode & 0o7777)
+        attr = self.getattr(path)
+        return self._open_handle(attr.ino, self._locate(path), flags & ~os.O_TRUNC), attr
+
+    def link(self, src: str, dst: str) -> Attr:
+        sloc = self._locate(src)
+        if sloc.is_dir:
+            raise FsError(errno.EPERM)
+        self._prepare_new(dst)
+        sloc = self._copy_up(src)
+        if sloc.host is not self.tree:
+            self._name_on_top(src, sloc)  # so both names are real links of one inode
+        self.resolver.invalidate(src)
+        self._place(dst, lambda h, r: self.tree.link_to(src, h, r))
+        return self.getattr(dst)
+
+    # --------------------------------------------------------- removing
+    def unlink(self, path: str) -> None:
+        loc = self._locate(path)
+        if loc.is_dir:
+            raise FsError(errno.EISDIR)
+        attr = self._attr(path, loc)
+        if loc.kind == stat.S_IFREG and loc.layer > 0 and loc.lower_nlink > 1:
+            loc = self._copy_up(path)  # index it, so the other names keep a true nlink
+        if loc.layer == 0 and loc.host is not self.tree:
+            self._drop_lower_name(loc)
+        parent, _ = split(path)
+        self._ensure_dir_on_top(parent)
+        self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
+        self.resolver.invalidate(path)
+        self.inodes.unlinked(attr.ino, path)
+
+    def rmdir(self, path: str) -> None:
+        if not path:
+            raise FsError(errno.EBUSY)
+        loc = self._locate(path)
+        if not loc.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if self.listdir(path):
+            raise FsError(errno.ENOTEMPTY)
+        attr = self._attr(path, loc)
+        parent, _ = split(path)
+        self._ensure_dir_on_top(parent)
+        self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
+        self.resolver.invalidate(path, subtree=True)
+        self.inodes.unlinked(attr.ino, path)
+
+    # --------------------------------------------------------- rename
+    def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        _check_name(dst)
+        sloc = self._locate(src)
+        if not src:
+            raise FsError(errno.EBUSY)
+        dparent, _ = split(dst)
+        ploc = self._locate(dparent)
+        if not ploc.is_dir:
+            raise FsError(errno.ENOTDIR)
+        dloc = self.resolver.locate(dst)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE):
+            raise FsError(errno.EINVAL)
+        if src == dst:
+            return
+        if dst.startswith(src + "/"):
+            raise FsError(errno.EINVAL)
+        if exchange and src.startswith(dst + "/"):
+            raise FsError(errno.EINVAL)
+        if exchange and dloc is None:
+            raise FsError(errno.ENOENT)
+        if flags & RENAME_NOREPLACE and dloc is not None:
+            raise FsError(errno.EEXIST)
+        if dloc is not None and not exchange:
+            if sloc.is_dir and not dloc.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not sloc.is_dir and dloc.is_dir:
+                raise FsError(errno.EISDIR)
+            if src.startswith(dst + "/"):
+                raise FsError(errno.ENOTEMPTY)
+            if dloc.is_dir and self.listdir(dst):
+                raise FsError(errno.ENOTEMPTY)
+            if not sloc.is_dir and self.getattr(src).ino == self.getattr(dst).ino:
+                return  # two names of one inode: POSIX says do nothing
+        sparent, _ = split(src)
+        self._ensure_dir_on_top(sparent)
+        self._ensure_dir_on_top(dparent)
+        self._prepare_move(src, sloc)
+        if exchange:
+            assert dloc is not None
+            self._prepare_move(dst, dloc)
+            self.tree.rename_to(src, self.tree, dst, RENAME_EXCHANGE)
+            self._moved(src, dst, exchange=True)
+            return
+        replaced_ino = self.getattr(dst).ino if dloc is not None else 0
+        if dloc is not None and dloc.layer == 0 and dloc.host is not self.tree:
+            self._drop_lower_name(dloc)
+        dst_st = self.tree.try_lstat(dst)
+        if dst_st is not None:
+            if stat.S_ISDIR(dst_st.st_mode):
+                self.tree.remove_tree(dst)  # empty in the view: only whiteouts inside
+            elif (stat.S_ISREG(dst_st.st_mode) and dst_st.st_nlink == 1
+                  and self._pinned(replaced_ino)):
+                self._orphan(self.tree, dst, replaced_ino)
+            if not stat.S_ISDIR(dst_st.st_mode):
+                self.top.drop_meta(dst_st.st_ino)
+        self.tree.rename_to(src, self.tree, dst)
+        if self.resolver.lower_exists(src):
+            self.work.rename_to(self._make_whiteout(), self.tree, src)
+        self._moved(src, dst, exchange=False)
+
+    def _prepare_move(self, path: str, loc: Loc) -> None:
+        """Make *path* a real top-tree object that can be renamed without losing lower data."""
+        if not loc.is_dir:
+            loc = self._copy_up(path)
+            if loc.host is not self.tree:
+                self._name_on_top(path, loc)
+            return
+        self._ensure_dir_on_top(path)
+        st = self.tree.lstat(path)
+        meta = dict(self.top.meta(self.tree, path, st))
+        if loc.lower_path is not None:
+            if meta.get("redirect") != loc.lower_path:
+                meta["redirect"] = loc.lower_path
+                self.top.set_meta(self.tree, path, meta)
+        elif not meta.get("opaque"):
+            meta["opaque"] = 1  # pure top dir: must not pick up lower content where it lands
+            self.top.set_meta(self.tree, path, meta)
+
+    def _moved(self, src: str, dst: str, exchange: bool) -> None:
+        self.resolver.invalidate(src, subtree=True)
+        self.resolver.invalidate(dst, subtree=True)
+        self.inodes.renamed(src, dst, exchange)
+
+    # --------------------------------------------------------- attributes
+    def setattr(self, path: str | None, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, fh: int | None = None) -> Attr:
+        """chmod/chown/truncate/utimens; *path* None means an unlinked file open as *fh*."""
+        handle = self.handles.get(fh) if fh is not None else None
+        if path is None or self.resolver.locate(path) is None:
+            if handle is None:
+                raise FsError(errno.ENOENT)
+            return self._setattr_fd(handle, mode, uid, gid, size, atime_ns, mtime_ns)
+        if size is not None:
+            if handle is not None and handle.on_top and self._writable(handle):
+                os.ftruncate(handle.fd, size)
+            else:
+                loc = self._locate(path)
+                if loc.is_dir:
+                    raise FsError(errno.EISDIR)
+                loc = self._copy_up(path, with_data=size > 0)
+                fd = loc.host.open(loc.rel, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
+            return self.getattr(path)
+        loc = self._copy_up(path)
+        if uid is not None or gid is not None:
+            st = loc.host.lstat(loc.rel)
+            loc.host.chown(loc.rel, st.st_uid if uid is None else uid,
+                           st.st_gid if gid is None else gid)
+        if mode is not None:
+            loc.host.chmod(loc.rel, mode & 0o7777)
+        if atime_ns is not None or mtime_ns is not None:
+            st = loc.host.lstat(loc.rel)
+            loc.host.utime(loc.rel, st.st_atime_ns if atime_ns is None else atime_ns,
+                           st.st_mtime_ns if mtime_ns is None else mtime_ns)
+        return self.getattr(path)
+
+    @staticmethod
+    def _setattr_fd(h: Handle, mode: int | None, uid: int | None, gid: int | None,
+                    size: int | None, atime_ns: int | None, mtime_ns: int | None) -> Attr:
+        if size is not None:
+            os.ftruncate(h.fd, size)
+        if mode is not None:
+            os.chmod(f"/proc/self/fd/{h.fd}", mode & 0o7777)
+        if uid is not None or gid is not None:
+            os.chown(f"/proc/self/fd/{h.fd}", -1 if uid is None else uid,
+                     -1 if gid is None else gid)
+        if atime_ns is not None or mtime_ns is not None:
+            st = os.fstat(h.fd)
+            os.utime(h.fd, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
+                               st.st_mtime_ns if mtime_ns is None else mtime_ns))
+        return Attr.from_stat(h.ino, os.fstat(h.fd), nlink=0)
+
+    # --------------------------------------------------------- file data
+    @staticmethod
+    def _writable(h: Handle) -> bool:
+        return h.flags & _ACCMODE != os.O_RDONLY
+
+    def open(self, path: str, flags: int) -> int:
+        loc = self._locate(path)
+        if loc.is_dir and flags & _ACCMODE != os.O_RDONLY:
+            raise FsError(errno.EISDIR)
+        wants_write = flags & _ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if wants_write and loc.layer != 0:
+            loc = self._copy_up(path, with_data=not flags & os.O_TRUNC)
+        attr = self._attr(path, loc)
+        return self._open_handle(attr.ino, loc, flags)
+
+    def _open_handle(self, ino: int, loc: Loc, flags: int) -> int:
+        acc = flags & _ACCMODE
+        host_flags = os.O_RDONLY if acc == os.O_RDONLY else os.O_RDWR
+        if flags & os.O_TRUNC and acc != os.O_RDONLY:
+            host_flags |= os.O_TRUNC
+        if loc.is_dir:
+            host_flags = os.O_RDONLY | os.O_DIRECTORY
+        try:
+            fd = loc.host.open(loc.rel, host_flags)
+        except PermissionError:
+            if acc != os.O_WRONLY:
+                raise
+            fd = loc.host.open(loc.rel, (host_flags & ~os.O_RDWR) | os.O_WRONLY)
+        if flags & os.O_TRUNC and acc == os.O_RDONLY and not loc.is_dir:
+            os.ftruncate(fd, 0)
+        fh = next(self._fh)
+        self.handles[fh] = Handle(ino=ino, fd=fd, flags=flags, on_top=loc.layer == 0)
+        self._by_ino.setdefault(ino, set()).add(fh)
+        return fh
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self.handles[fh].fd, size, offset)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self.handles[fh]
+        if not self._writable(h):
+            raise FsError(errno.EBADF)
+        return os.pwrite(h.fd, data, offset)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.handles[fh].fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        os.close(h.fd)
+        fhs = self._by_ino.get(h.ino)
+        if fhs is not None:
+            fhs.discard(fh)
+            if not fhs:
+                del self._by_ino[h.ino]
+                if not self.inodes.referenced(h.ino):
+                    self._reap(h.ino)
+
+    def handle_ino(self, fh: int) -> int:
+        return self.handles[fh].ino
+
+    # --------------------------------------------------------- xattrs
+    def getxattr(self, path: str, name: str) -> bytes:
+        _check_xattr_name(name)
+        loc = self._locate(path)
+        try:
+            return loc.host.getxattr(loc.rel, name)
+        except OSError as exc:
+            raise FsError.from_os(exc) from None
+
+    def listxattr(self, path: str) -> list[str]:
+        loc = self._locate(path)
+        if loc.kind == stat.S_IFLNK:
+            return []
+        return [n for n in loc.host.listxattr(loc.rel) if n != MARKER]
+
+    def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
+        _check_xattr_name(name)
+        loc = self._copy_up(path)
+        loc.host.setxattr(loc.rel, name, value, flags)
+
+    def removexattr(self, path: str, name: str) -> None:
+        _check_xattr_name(name)
+        loc = self._locate(path)
+        if name not in loc.host.listxattr(loc.rel):
+            raise FsError(errno.ENODATA)
+        loc = self._copy_up(path)
+        loc.host.removexattr(loc.rel, name)
+
+    # --------------------------------------------------------- misc
+    def statfs(self) -> os.statvfs_result:
+        return self.tree.statvfs()
+
+    def access(self, path: str, mode: int, uid: int, gids: list[int]) -> bool:
+        attr = self.getattr(path)
+        if mode == os.F_OK:
+            return True
+        if uid == 0:
+            return not (mode & os.X_OK) or bool(attr.mode & 0o111) or stat.S_ISDIR(attr.mode)
+        if attr.uid == uid:
+            bits = (attr.mode >> 6) & 7
+        elif attr.gid in gids:
+            bits = (attr.mode >> 3) & 7
+        else:
+            bits = attr.mode & 7
+        return mode & bits == mode
+
+
+def _check_name(path: str) -> None:
+    _, name = split(path)
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+
+
+def _check_xattr_name(name: str) -> None:
+    if name == MARKER or name.startswith(MARKER + "."):
+        raise FsError(errno.EPERM, "reserved attribute")
+
+
+__all__ = ["WHITEOUT_MODE", "Handle", "Overlay"]

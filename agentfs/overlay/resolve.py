@@ -1,0 +1,141 @@
+"""Path resolution through a layer stack, with whiteouts, opaque dirs and redirects.
+
+``locate(k, path)`` answers "what does *path* show in the view made of layers
+k..n" (n being the base).  For a directory it also returns where the directory's
+lower part lives in view k+1 (``lower_path``): normally the same path, but a
+renamed directory carries a ``redirect`` so its old lower content follows it.
+Recursing on sub-views makes redirects in any layer compose without special cases.
+
+Only layer 0 (the writable top) ever changes, so results for k >= 1 are cached
+forever and results for k == 0 are invalidated by the engine on every change.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from typing import Final
+
+from agentfs.overlay.hostio import HostDir, join, split
+from agentfs.overlay.layers import Layer
+
+_CACHE_LIMIT: Final = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Loc:
+    """Where the visible object of one path lives."""
+
+    kind: int                 # stat.S_IFMT of the visible object
+    layer: int                # stack index holding the topmost object
+    host: HostDir             # the layer's tree (or index, for hard-linked copy-ups)
+    rel: str                  # path of the object inside *host*
+    lower_ino: int = 0        # for lower regular files: the host st_ino (index key)
+    lower_nlink: int = 1      # for lower regular files: link count in that layer
+    own_rel: str | None = None    # dirs: rel in the view's own top layer, if any
+    lower_path: str | None = None  # dirs: path of the lower part in view k+1
+    parts: tuple[tuple[int, str], ...] = ()  # dirs: every (layer, rel) merged, top-down
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == stat.S_IFDIR
+
+
+class Resolver:
+    """Caches `Loc`s per (view, path)."""
+
+    def __init__(self, layers: list[Layer]) -> None:
+        self.layers = layers
+        self._cache: list[dict[str, Loc | None]] = [{} for _ in layers]
+
+    def invalidate(self, path: str, subtree: bool = False) -> None:
+        top = self._cache[0]
+        top.pop(path, None)
+        if subtree:
+            prefix = path + "/"
+            for key in [k for k in top if k.startswith(prefix)]:
+                del top[key]
+
+    def invalidate_all(self) -> None:
+        self._cache[0].clear()
+
+    def locate(self, path: str, k: int = 0) -> Loc | None:
+        cache = self._cache[k]
+        try:
+            return cache[path]
+        except KeyError:
+            pass
+        loc = self._locate(path, k)
+        if len(cache) >= _CACHE_LIMIT:
+            cache.clear()
+        cache[path] = loc
+        return loc
+
+    def lower_exists(self, path: str) -> bool:
+        """Is *path* visible in the view below the top layer?"""
+        if len(self.layers) == 1:
+            return False
+        parent_path, name = split(path)
+        parent = self.locate(parent_path)
+        if parent is None or parent.lower_path is None:
+            return False
+        return self.locate(join(parent.lower_path, name), 1) is not None
+
+    def _locate(self, path: str, k: int) -> Loc | None:
+        layer = self.layers[k]
+        if layer.is_base:
+            return self._locate_base(path, k)
+        if not path:
+            sub = self.locate("", k + 1)
+            return Loc(stat.S_IFDIR, k, layer.tree, "", own_rel="", lower_path="",
+                       parts=((k, ""),) + (sub.parts if sub else ()))
+        parent_path, name = split(path)
+        parent = self.locate(parent_path, k)
+        if parent is None or not parent.is_dir:
+            return None
+        own: str | None = None
+        st = None
+        if parent.own_rel is not None:
+            rel = join(parent.own_rel, name)
+            st = layer.tree.try_lstat(rel)
+            if st is not None:
+                if layer.is_whiteout(rel, st):
+                    return None
+                own = rel
+        lower_path = join(parent.lower_path, name) if parent.lower_path is not None else None
+        if own is not None and st is not None:
+            kind = stat.S_IFMT(st.st_mode)
+            if kind != stat.S_IFDIR:
+                return Loc(kind, k, layer.tree, own)
+            meta = layer.meta(layer.tree, own, st)
+            if meta.get("opaque"):
+                lower_path = None
+            elif "redirect" in meta:
+                lower_path = meta["redirect"]
+            sub = self.locate(lower_path, k + 1) if lower_path is not None else None
+            if sub is None or not sub.is_dir:
+                return Loc(stat.S_IFDIR, k, layer.tree, own, own_rel=own, parts=((k, own),))
+            return Loc(stat.S_IFDIR, k, layer.tree, own, own_rel=own, lower_path=lower_path,
+                       parts=((k, own), *sub.parts))
+        if lower_path is None:
+            return None
+        sub = self.locate(lower_path, k + 1)
+        if sub is None:
+            return None
+        if sub.is_dir:
+            return Loc(stat.S_IFDIR, sub.layer, sub.host, sub.rel, lower_path=lower_path,
+                       parts=sub.parts)
+        if sub.kind == stat.S_IFREG and sub.lower_nlink > 1 and sub.lower_ino in layer.indexed:
+            assert layer.index is not None
+            return Loc(stat.S_IFREG, k, layer.index, str(sub.lower_ino))
+        return sub
+
+    def _locate_base(self, path: str, k: int) -> Loc | None:
+        host = self.layers[k].tree
+        st = host.try_lstat(path)
+        if st is None:
+            return None
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFDIR:
+            return Loc(kind, k, host, path, own_rel=path, parts=((k, path),))
+        return Loc(kind, k, host, path, lower_ino=st.st_ino, lower_nlink=st.st_nlink)
