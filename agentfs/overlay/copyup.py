@@ -79,7 +79,7 @@ def clone_object(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,
         fd = dst.open(dst_rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if with_data and st.st_size:
-                sfd = src.open(src_rel, os.O_RDONLY)
+                sfd = src.open_quiet(src_rel, os.O_RDONLY)
                 try:
                     copy_data(sfd, fd, st.st_size)
                 finally:

@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -67,6 +67,7 @@ class Overlay:
         self._fh = itertools.count(1)
         self._orphans: dict[int, str] = {}
         self._base_dev = layers[-1].tree.dev
+        self._dir_nlink: dict[str, int] = {}
         self._prepare_work()
 
     def _prepare_work(self) -> None:
@@ -83,8 +84,48 @@ class Overlay:
     def _locate(self, path: str) -> Loc:
         loc = self.resolver.locate(path)
         if loc is None:
-            raise FsError(errno.ENOENT, path)
+            raise FsError(self._missing_errno(path), path)
         return loc
+
+    def _invalidate(self, path: str, subtree: bool = False) -> None:
+        """Forget cached lookups of *path* after a change (and its parent's link count)."""
+        self.resolver.invalidate(path, subtree)
+        if subtree:
+            self._dir_nlink.clear()
+        else:
+            self._dir_nlink.pop(split(path)[0], None)
+
+    def _invalidate_all(self) -> None:
+        self.resolver.invalidate_all()
+        self._dir_nlink.clear()
+
+    def _merged_nlink(self, path: str) -> int:
+        """2 + subdirectories, as a plain directory reports (find(1) relies on it)."""
+        n = self._dir_nlink.get(path)
+        if n is None:
+            n = 2 + sum(1 for name in self.listdir(path)
+                        if (c := self.resolver.locate(join(path, name))) and c.is_dir)
+            self._dir_nlink[path] = n
+        return n
+
+    @contextlib.contextmanager
+    def _parent_times_kept(self, path: str) -> Iterator[None]:
+        """Copy-up adds an entry to the top copy of the parent; that is not a change
+        the user made, so the parent's times must not move."""
+        parent = split(path)[0]
+        st = self.tree.lstat(parent)
+        yield
+        self.tree.utime(parent, st.st_atime_ns, st.st_mtime_ns)
+
+    def _missing_errno(self, path: str) -> int:
+        """ENOTDIR when a component on the way is not a directory, else ENOENT."""
+        parent = split(path)[0]
+        while parent:
+            ploc = self.resolver.locate(parent)
+            if ploc is not None:
+                return errno.ENOENT if ploc.is_dir else errno.ENOTDIR
+            parent = split(parent)[0]
+        return errno.ENOENT
 
     def _ino(self, path: str, loc: Loc, st: os.stat_result) -> int:
         if not path:
@@ -102,7 +143,7 @@ class Overlay:
         ino = self._ino(path, loc, st)
         nlink = None
         if loc.is_dir and len(loc.parts) > 1:
-            nlink = 1  # merged directory: subdirectory count unknown (as overlayfs)
+            nlink = self._merged_nlink(path)
         elif loc.kind == stat.S_IFREG and not self.layers[loc.layer].is_base:
             layer = self.layers[loc.layer]
             if ino in layer.indexed:
@@ -180,10 +221,11 @@ class Overlay:
         self._ensure_dir_on_top(parent)
         st = loc.host.lstat(loc.rel)
         ino = self._ino(path, loc, st)
-        self.tree.mkdir(path, 0o700)
-        copyup.copy_metadata(loc.host, loc.rel, st, self.tree, path)
-        self.top.set_meta(self.tree, path, {"origin": ino})
-        self.resolver.invalidate(path)
+        with self._parent_times_kept(path):
+            self.tree.mkdir(path, 0o700)
+            copyup.copy_metadata(loc.host, loc.rel, st, self.tree, path)
+            self.top.set_meta(self.tree, path, {"origin": ino})
+        self._invalidate(path)
 
     def _copy_up(self, path: str, with_data: bool = True) -> Loc:
         """Bring a non-directory into the top layer; returns its new location."""
@@ -205,12 +247,13 @@ class Overlay:
             self.top.set_meta(self.work, tmp, {"origin": ino, "lower_only": loc.lower_nlink})
             self.work.rename_to(tmp, self.top.index, str(loc.lower_ino))
             self.top.indexed.add(loc.lower_ino)
-            self.resolver.invalidate_all()  # other names now resolve to the index
+            self._invalidate_all()  # other names now resolve to the index
         else:
             if loc.kind in (stat.S_IFREG, stat.S_IFDIR):
                 self.top.set_meta(self.work, tmp, {"origin": ino})
-            self.work.rename_to(tmp, self.tree, path)
-            self.resolver.invalidate(path)
+            with self._parent_times_kept(path):
+                self.work.rename_to(tmp, self.tree, path)
+            self._invalidate(path)
         new = self._locate(path)
         self._repoint_handles(ino, new)
         return new
@@ -302,6 +345,7 @@ class Overlay:
             raise FsError(errno.ENOTDIR)
         if self.resolver.locate(path) is not None:
             raise FsError(errno.EEXIST)
+        self._dir_nlink.pop(parent, None)
         self._ensure_dir_on_top(parent)
 
     def _place(self, path: str, make: Callable[[HostDir, str], None],
@@ -321,7 +365,7 @@ class Overlay:
                 self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
                 self.work.unlink(tmp)
                 self.top.drop_meta(wh.st_ino)
-        self.resolver.invalidate(path)
+        self._invalidate(path)
 
     def _parent_stat(self, path: str) -> os.stat_result:
         ploc = self._locate(split(path)[0])
@@ -383,7 +427,7 @@ class Overlay:
         sloc = self._copy_up(src)
         if sloc.host is not self.tree:
             self._name_on_top(src, sloc)  # so both names are real links of one inode
-        self.resolver.invalidate(src)
+        self._invalidate(src)
         self._place(dst, lambda h, r: self.tree.link_to(src, h, r))
         return self.getattr(dst)
 
@@ -400,7 +444,7 @@ class Overlay:
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
-        self.resolver.invalidate(path)
+        self._invalidate(path)
         self.inodes.unlinked(attr.ino, path)
 
     def rmdir(self, path: str) -> None:
@@ -415,11 +459,14 @@ class Overlay:
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
-        self.resolver.invalidate(path, subtree=True)
+        self._invalidate(path, subtree=True)
         self.inodes.unlinked(attr.ino, path)
 
     # --------------------------------------------------------- rename
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE) or flags == (
+                RENAME_EXCHANGE | RENAME_NOREPLACE):
+            raise FsError(errno.EINVAL)
         _check_name(dst)
         sloc = self._locate(src)
         if not src:
@@ -430,8 +477,6 @@ class Overlay:
             raise FsError(errno.ENOTDIR)
         dloc = self.resolver.locate(dst)
         exchange = bool(flags & RENAME_EXCHANGE)
-        if flags & ~(RENAME_EXCHANGE | RENAME_NOREPLACE):
-            raise FsError(errno.EINVAL)
         if src == dst:
             return
         if dst.startswith(src + "/"):
@@ -475,7 +520,12 @@ class Overlay:
                 self._orphan(self.tree, dst, replaced_ino)
             if not stat.S_ISDIR(dst_st.st_mode):
                 self.top.drop_meta(dst_st.st_ino)
-        self.tree.rename_to(src, self.tree, dst)
+        if dst_st is not None and sloc.is_dir and not stat.S_ISDIR(dst_st.st_mode):
+            # a directory cannot replace a file (the whiteout): swap, then drop the whiteout
+            self.tree.rename_to(src, self.tree, dst, RENAME_EXCHANGE)
+            self.tree.unlink(src)
+        else:
+            self.tree.rename_to(src, self.tree, dst)
         if self.resolver.lower_exists(src):
             self.work.rename_to(self._make_whiteout(), self.tree, src)
         self._moved(src, dst, exchange=False)
@@ -499,8 +549,8 @@ class Overlay:
             self.top.set_meta(self.tree, path, meta)
 
     def _moved(self, src: str, dst: str, exchange: bool) -> None:
-        self.resolver.invalidate(src, subtree=True)
-        self.resolver.invalidate(dst, subtree=True)
+        self._invalidate(src, subtree=True)
+        self._invalidate(dst, subtree=True)
         self.inodes.renamed(src, dst, exchange)
 
     # --------------------------------------------------------- attributes
@@ -540,6 +590,13 @@ class Overlay:
             loc.host.utime(loc.rel, st.st_atime_ns if atime_ns is None else atime_ns,
                            st.st_mtime_ns if mtime_ns is None else mtime_ns)
         return self.getattr(path)
+
+    def fh_attr(self, fh: int | None) -> Attr:
+        """Attributes through an open handle (its file may have no name any more)."""
+        if fh is None or fh not in self.handles:
+            raise FsError(errno.ENOENT)
+        h = self.handles[fh]
+        return Attr.from_stat(h.ino, os.fstat(h.fd), nlink=0)
 
     @staticmethod
     def _setattr_fd(h: Handle, mode: int | None, uid: int | None, gid: int | None,

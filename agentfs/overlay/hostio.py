@@ -207,10 +207,22 @@ class HostDir:
         return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dfd)
 
     def open_dir(self, rel: str) -> int:
-        """A readable fd for listing directory *rel*."""
-        if not rel:
-            return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd)
-        return self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        """A readable fd for listing directory *rel* (our own listing is not an access)."""
+        return self.open_quiet(rel, os.O_RDONLY | os.O_DIRECTORY)
+
+    def open_quiet(self, rel: str, flags: int) -> int:
+        """open() with O_NOATIME where permitted, for reads the user did not ask for."""
+        noatime = getattr(os, "O_NOATIME", 0)
+        try:
+            if not rel:
+                return os.open(".", flags | noatime | os.O_CLOEXEC, dir_fd=self.fd)
+            return self.open(rel, flags | noatime)
+        except PermissionError:
+            if not noatime:
+                raise
+            if not rel:
+                return os.open(".", flags | os.O_CLOEXEC, dir_fd=self.fd)
+            return self.open(rel, flags)
 
     def listdir(self, rel: str) -> list[os.DirEntry[str]]:
         fd = self.open_dir(rel)

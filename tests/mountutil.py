@@ -1,0 +1,139 @@
+"""Real mounts for tests: a store, a branch and an `agentfs mount`, torn down in finally.
+
+Every mount is started through the real CLI, waits on its readiness signal (the
+CLI returns only when the mount is up), and is unmounted with fusermount3 -u,
+then -uz; the daemon we started is killed if it is still alive.  With
+AGENTFS_REQUIRE_FUSE=1 an unusable FUSE fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+AGENTFS = str(VENV_BIN / "agentfs")
+CMD_TIMEOUT = 60
+
+
+def fuse_problem() -> str | None:
+    """Why FUSE mounts cannot work here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not accessible"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed"
+    return None
+
+
+def require_fuse() -> None:
+    problem = fuse_problem()
+    if problem is None:
+        return
+    if os.environ.get("AGENTFS_REQUIRE_FUSE") == "1":
+        pytest.fail(f"FUSE required but unusable: {problem}")
+    pytest.skip(f"FUSE unusable: {problem}")
+
+
+def run_cli(*args: str, env: dict[str, str], check: bool = True,
+            cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([AGENTFS, *args], env=env, capture_output=True, text=True,
+                         timeout=CMD_TIMEOUT, cwd=cwd)
+    if check and res.returncode != 0:
+        raise AssertionError(f"agentfs {' '.join(args)} failed ({res.returncode}):\n"
+                             f"{res.stdout}\n{res.stderr}")
+    return res
+
+
+def cli_env(home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["AGENTFS_HOME"] = str(home)
+    env.pop("AGENTFS_STORE", None)
+    return env
+
+
+def force_unmount(mountpoint: Path, pid: int | None) -> None:
+    """Best-effort teardown that never hangs: -u, then lazy -uz, then kill our daemon."""
+    mp = str(mountpoint)
+    for args in (["-u"], ["-uz"]):
+        if not is_mounted(mp):
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(["fusermount3", *args, mp], capture_output=True, timeout=20)
+    if pid is not None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def is_mounted(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == path for line in f)
+
+
+@dataclass
+class MountedBranch:
+    base: Path
+    store: Path
+    mountpoint: Path
+    branch: str
+    env: dict[str, str]
+    pid: int | None = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cli("--store", str(self.store), *args, env=self.env, check=check)
+
+    def mount(self) -> None:
+        res = self.cli("mount", str(self.mountpoint), "--branch", self.branch)
+        m = re.search(r"daemon pid (\d+)", res.stdout)
+        self.pid = int(m.group(1)) if m else None
+
+    def unmount(self) -> None:
+        self.cli("umount", str(self.mountpoint))
+        self.pid = None
+
+
+@contextlib.contextmanager
+def mounted_branch(base: Path, workdir: Path, branch: str = "test",
+                   init: bool = True) -> Iterator[MountedBranch]:
+    """Init a store for *base*, create *branch*, mount it; always clean up."""
+    require_fuse()
+    mnt = workdir / "mnt"
+    mnt.mkdir(exist_ok=True)
+    mb = MountedBranch(base=base, store=workdir / "store", mountpoint=mnt, branch=branch,
+                       env=cli_env(workdir / "home"))
+    if init:
+        run_cli("init", str(base), "--store", str(mb.store), env=mb.env)
+        mb.cli("branch", "create", branch)
+    try:
+        mb.mount()
+        yield mb
+    finally:
+        force_unmount(mnt, mb.pid)

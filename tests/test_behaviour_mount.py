@@ -1,0 +1,48 @@
+"""The behavioural cases against a real pyfuse3 mount of a branch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+from behaviour_cases import CASES, Case, run_case
+from fsfacade import OsFacade
+from mountutil import mounted_branch
+from treehash import tree_fingerprint
+
+pytestmark = pytest.mark.mount
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A 0755 work dir outside pytest's 0700 tmp, so other users can reach the mount."""
+    d = tempfile.mkdtemp(prefix="agentfs-mnt-")
+    os.chmod(d, 0o755)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_case_on_mount(case: type[Case], world_dir: Path) -> None:
+    with ExitStack() as stack:
+        seen: list[tuple[str, dict[str, tuple[object, ...]]]] = []
+
+        def make_fs(setup_base: Callable[[str], None]) -> OsFacade:
+            base = world_dir / "base"
+            base.mkdir(mode=0o755)
+            setup_base(str(base))
+            seen.append((str(base), tree_fingerprint(str(base))))
+            mb = stack.enter_context(mounted_branch(base, world_dir))
+            os.chmod(mb.mountpoint, 0o755)
+            return OsFacade(str(mb.mountpoint))
+
+        run_case(case, make_fs)
+    for base, before in seen:
+        assert tree_fingerprint(base) == before, "the base directory changed"
