@@ -137,3 +137,7 @@ def mounted_branch(base: Path, workdir: Path, branch: str = "test",
         yield mb
     finally:
         force_unmount(mnt, mb.pid)
+        for log in sorted((mb.store / "run").glob("*.log")):
+            text = log.read_text(errors="replace")
+            if "ERROR" in text or "Traceback" in text:
+                print(f"--- daemon log {log} ---\n{text}", file=sys.stderr)

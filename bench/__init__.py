@@ -1,0 +1,4 @@
+"""Benchmark harness comparing agentfs with plain directories and other overlay filesystems.
+
+Run it with ``python -m bench.run`` from the repository root; see ``bench/README.md``.
+"""
