@@ -88,7 +88,12 @@ class CoreFacade(FacadeHelpers):
 
     def _parent_followed(self, path: str) -> str:
         head, _, tail = path.rpartition("/")
-        return posixpath.join(self._follow(head), tail) if head else tail
+        if not head:
+            return tail
+        parent = self._follow(head)
+        if not stat.S_ISDIR(self.ov.getattr(parent).mode):
+            raise FsError(errno.ENOTDIR)
+        return posixpath.join(parent, tail)
 
     # -- handles ---------------------------------------------------------------
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
@@ -122,12 +127,16 @@ class CoreFacade(FacadeHelpers):
         return self._register(fh, flags, path)
 
     def _register(self, fh: int, flags: int, path: str) -> int:
+        self.ov.lookup(path)  # hold an inode reference, as the kernel does for open files
         self._next += 1
         self._open[self._next] = _Open(fh, flags, path)
         return self._next
 
     def close(self, h: int) -> None:
-        self.ov.release(self._open.pop(h).fh)
+        fh = self._open.pop(h).fh
+        ino = self.ov.handle_ino(fh)
+        self.ov.release(fh)
+        self.ov.forget(ino, 1)
 
     def pread(self, h: int, size: int, offset: int) -> bytes:
         o = self._open[h]
@@ -171,12 +180,7 @@ class CoreFacade(FacadeHelpers):
 
     def fstat(self, h: int) -> Any:
         o = self._open[h]
-        ino = self.ov.handle_ino(o.fh)
-        if self.ov.exists(o.path):
-            attr = self.ov.getattr(o.path)
-            if attr.ino == ino:
-                return _stat(attr)
-        return _stat(self.ov.fh_attr(o.fh))
+        return _stat(self.ov.getattr_ino(self.ov.handle_ino(o.fh)))
 
     # -- metadata --------------------------------------------------------------
     def stat(self, path: str) -> Any:
@@ -216,7 +220,9 @@ class CoreFacade(FacadeHelpers):
         return self.ov.readlink(self._parent_followed(path))
 
     def link(self, src: str, dst: str) -> None:
-        self.ov.link(self._parent_followed(src), self._parent_followed(dst))
+        src = self._parent_followed(src)
+        self.ov.getattr(src)  # linkat(2) resolves the source before the destination
+        self.ov.link(src, self._parent_followed(dst))
 
     def mkfifo(self, path: str, mode: int = 0o644) -> None:
         self.ov.mknod(self._parent_followed(path), stat.S_IFIFO | (mode & ~0o022), 0,

@@ -129,7 +129,7 @@ class AgentfsOperations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            fh=fh)
+            fh=fh, ino=inode)
         return self._entry(result)
 
     @_boundary

@@ -77,8 +77,11 @@ class Overlay:
         self.work.mkdir(_ORPHANS, 0o700)
 
     def close(self) -> None:
+        """Release every handle and host fd (the view is unusable afterwards)."""
         for fh in list(self.handles):
             self.release(fh)
+        for layer in self.layers:
+            layer.close()
 
     # ------------------------------------------------------------------ lookup
     def _locate(self, path: str) -> Loc:
@@ -274,6 +277,14 @@ class Overlay:
         self._drop_lower_name(loc)
         self._place(path, lambda h, r: loc.host.link_to(loc.rel, h, r))
 
+    def _release_lower_name(self, path: str, loc: Loc) -> None:
+        """*path* is about to stop naming its file: if the file is hard-linked below,
+        index it so its other names keep the one inode and a true link count."""
+        if loc.kind == stat.S_IFREG and loc.layer > 0 and loc.lower_nlink > 1:
+            loc = self._copy_up(path)
+        if loc.layer == 0 and loc.host is not self.tree:
+            self._drop_lower_name(loc)
+
     def _drop_lower_name(self, loc: Loc) -> None:
         """One lower name of an indexed inode is going away (or moving to the tree)."""
         st = loc.host.lstat(loc.rel)
@@ -421,9 +432,9 @@ class Overlay:
 
     def link(self, src: str, dst: str) -> Attr:
         sloc = self._locate(src)
+        self._prepare_new(dst)
         if sloc.is_dir:
             raise FsError(errno.EPERM)
-        self._prepare_new(dst)
         sloc = self._copy_up(src)
         if sloc.host is not self.tree:
             self._name_on_top(src, sloc)  # so both names are real links of one inode
@@ -437,10 +448,7 @@ class Overlay:
         if loc.is_dir:
             raise FsError(errno.EISDIR)
         attr = self._attr(path, loc)
-        if loc.kind == stat.S_IFREG and loc.layer > 0 and loc.lower_nlink > 1:
-            loc = self._copy_up(path)  # index it, so the other names keep a true nlink
-        if loc.layer == 0 and loc.host is not self.tree:
-            self._drop_lower_name(loc)
+        self._release_lower_name(path, loc)
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
@@ -468,36 +476,36 @@ class Overlay:
                 RENAME_EXCHANGE | RENAME_NOREPLACE):
             raise FsError(errno.EINVAL)
         _check_name(dst)
+        # parents first, like the VFS: a bad destination directory beats a missing source
+        for parent_path in (split(src)[0], split(dst)[0]):
+            if not self._locate(parent_path).is_dir:
+                raise FsError(errno.ENOTDIR)
         sloc = self._locate(src)
         if not src:
             raise FsError(errno.EBUSY)
         dparent, _ = split(dst)
-        ploc = self._locate(dparent)
-        if not ploc.is_dir:
-            raise FsError(errno.ENOTDIR)
         dloc = self.resolver.locate(dst)
         exchange = bool(flags & RENAME_EXCHANGE)
-        if src == dst:
-            return
-        if dst.startswith(src + "/"):
-            raise FsError(errno.EINVAL)
-        if exchange and src.startswith(dst + "/"):
-            raise FsError(errno.EINVAL)
+        # the checks in the order Linux's renameat2 makes them, so errnos match
         if exchange and dloc is None:
             raise FsError(errno.ENOENT)
         if flags & RENAME_NOREPLACE and dloc is not None:
             raise FsError(errno.EEXIST)
+        if src == dst:
+            return
+        if dst.startswith(src + "/"):
+            raise FsError(errno.EINVAL)
+        if src.startswith(dst + "/"):
+            raise FsError(errno.EINVAL if exchange else errno.ENOTEMPTY)
         if dloc is not None and not exchange:
+            if not sloc.is_dir and self.getattr(src).ino == self.getattr(dst).ino:
+                return  # two names of one inode: POSIX says do nothing
             if sloc.is_dir and not dloc.is_dir:
                 raise FsError(errno.ENOTDIR)
             if not sloc.is_dir and dloc.is_dir:
                 raise FsError(errno.EISDIR)
-            if src.startswith(dst + "/"):
-                raise FsError(errno.ENOTEMPTY)
             if dloc.is_dir and self.listdir(dst):
                 raise FsError(errno.ENOTEMPTY)
-            if not sloc.is_dir and self.getattr(src).ino == self.getattr(dst).ino:
-                return  # two names of one inode: POSIX says do nothing
         sparent, _ = split(src)
         self._ensure_dir_on_top(sparent)
         self._ensure_dir_on_top(dparent)
@@ -509,8 +517,8 @@ class Overlay:
             self._moved(src, dst, exchange=True)
             return
         replaced_ino = self.getattr(dst).ino if dloc is not None else 0
-        if dloc is not None and dloc.layer == 0 and dloc.host is not self.tree:
-            self._drop_lower_name(dloc)
+        if dloc is not None and not dloc.is_dir:
+            self._release_lower_name(dst, dloc)
         dst_st = self.tree.try_lstat(dst)
         if dst_st is not None:
             if stat.S_ISDIR(dst_st.st_mode):
@@ -556,9 +564,13 @@ class Overlay:
     # --------------------------------------------------------- attributes
     def setattr(self, path: str | None, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None, fh: int | None = None) -> Attr:
-        """chmod/chown/truncate/utimens; *path* None means an unlinked file open as *fh*."""
+                mtime_ns: int | None = None, fh: int | None = None,
+                ino: int | None = None) -> Attr:
+        """chmod/chown/truncate/utimens; *path* None means an unlinked file (reached
+        through *fh*, or any handle of *ino* the kernel still writes back to)."""
         handle = self.handles.get(fh) if fh is not None else None
+        if handle is None and ino is not None:
+            handle = next((self.handles[f] for f in self._by_ino.get(ino, ())), None)
         if path is None or self.resolver.locate(path) is None:
             if handle is None:
                 raise FsError(errno.ENOENT)
