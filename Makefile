@@ -1,0 +1,33 @@
+# make demo: install what is missing, then run the main job end to end.
+# make test: install what is missing, then lint, type-check and run the whole suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint bench bench-quick stress clean
+setup:
+	scripts/setup.sh
+
+demo: setup
+	scripts/demo.sh
+
+lint: setup
+	$(VENV)/bin/ruff check agentfs tests bench
+	$(VENV)/bin/mypy agentfs
+
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+stress: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+bench: setup
+	EXTRA_APT="fuse-overlayfs unionfs-fuse git" scripts/setup.sh
+	$(PY) -m bench.run --markdown
+
+bench-quick: setup
+	EXTRA_APT="fuse-overlayfs unionfs-fuse git" scripts/setup.sh
+	$(PY) -m bench.run --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

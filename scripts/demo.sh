@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The main job end to end: a sample project, a branch, a mount, an "agent" that edits,
+# creates and deletes files, the branch's changes, and proof the project is untouched.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AGENTFS="$PWD/.venv/bin/agentfs"
+DEMO=$(mktemp -d /tmp/agentfs-demo.XXXXXX)
+export AGENTFS_HOME="$DEMO/home"
+PROJECT="$DEMO/project"
+MNT="$DEMO/mnt"
+cleanup() {
+    if grep -q " $MNT " /proc/mounts 2>/dev/null; then
+        "$AGENTFS" umount "$MNT" >/dev/null 2>&1 || fusermount3 -uz "$MNT" || true
+    fi
+}
+trap cleanup EXIT
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "a sample project at $PROJECT"
+mkdir -p "$PROJECT/src" "$PROJECT/docs" "$MNT"
+cat > "$PROJECT/src/app.py" <<'PY'
+def greet(name):
+    return "Hello " + name
+
+if __name__ == "__main__":
+    print(greet("world"))
+PY
+printf '# Sample\n\nA tiny project.\n' > "$PROJECT/README.md"
+printf 'old notes\n' > "$PROJECT/docs/notes.txt"
+printf 'obsolete\n' > "$PROJECT/docs/old.txt"
+(cd "$PROJECT" && find . -type f | sort)
+
+say "agentfs init, branch create, mount"
+"$AGENTFS" init "$PROJECT"
+cd "$PROJECT"   # the store is found from the current directory
+"$AGENTFS" branch create agent-1
+"$AGENTFS" mount "$MNT" --branch agent-1
+
+say "the agent works in the mount"
+(
+    cd "$MNT"
+    sed -i 's/"Hello " + name/f"Hello, {name}!"/' src/app.py     # edit
+    printf 'def test_greet():\n    assert True\n' > src/test_app.py  # create
+    rm docs/old.txt                                                  # delete
+    mv docs/notes.txt docs/NOTES.md                                  # rename
+    python3 src/app.py
+)
+
+say "what the branch changed (diff -ruN project mount)"
+diff -ruN "$PROJECT" "$MNT" || true
+
+say "agentfs status"
+"$AGENTFS" status
+
+say "unmount; the project itself is untouched"
+"$AGENTFS" umount "$MNT"
+(cd "$PROJECT" && find . -type f | sort && cat src/app.py)
+
+say "remount: the branch still has the agent's work"
+"$AGENTFS" mount "$MNT" --branch agent-1
+(cd "$MNT" && find . -type f | sort)
+"$AGENTFS" umount "$MNT"
+say "demo finished (files in $DEMO)"
