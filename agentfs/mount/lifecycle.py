@@ -32,6 +32,9 @@ def check_fuse() -> None:
 
 
 def check_mountpoint(mountpoint: Path) -> str:
+    if os.path.abspath(mountpoint) in mounted_paths():
+        raise UserError(f"mountpoint {os.path.abspath(mountpoint)} is busy: something is already "
+                        "mounted there (a dead mount? `agentfs umount` it)")
     if not mountpoint.exists():
         raise UserError(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
@@ -124,7 +127,9 @@ def find_mount_pid(mountpoint: str, store: Store | None) -> int | None:
 
 def unmount(mountpoint: Path, store: Store | None = None, lazy: bool = False) -> None:
     """Flush, unmount, and wait for the daemon to exit."""
-    path = str(mountpoint.expanduser().resolve()) if mountpoint.exists() else str(mountpoint)
+    path = os.path.abspath(mountpoint.expanduser())
+    with contextlib.suppress(OSError):  # a dead mount cannot be resolved; keep it as given
+        path = str(mountpoint.expanduser().resolve(strict=True))
     if path not in mounted_paths():
         raise UserError(f"{path} is not mounted")
     pid = find_mount_pid(path, store)
