@@ -139,3 +139,11 @@ def test_mount_busy_and_umount(tmp_path: Path, store: Path, env: dict[str, str])
     finally:
         pid = int(res.stdout.rsplit("pid", 1)[1].strip(" )\n"))
         force_unmount(mnt, pid)
+
+
+def test_store_option_anywhere_and_usage_errors(store: Path, env: dict[str, str]) -> None:
+    run_cli("branch", "create", "late", "--store", str(store), env=env)
+    assert "late" in run_cli("branch", "list", f"--store={store}", env=env).stdout
+    res = run_cli("nosuchcommand", env=env, check=False)
+    assert res.returncode == 2 and "No such command" in res.stderr
+    assert "Traceback" not in res.stderr

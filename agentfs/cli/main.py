@@ -30,24 +30,34 @@ app.command("umount")(mount_cmds.umount)
 app.add_typer(branch.app, name="branch")
 
 
+def hoist_store_option(argv: list[str]) -> list[str]:
+    """Let `--store DIR` appear anywhere (`agentfs branch list --store S`), as users expect;
+    Typer only knows it before the subcommand.  Nothing after `--` is touched."""
+    head, sep, tail = (argv[: argv.index("--")], ["--"], argv[argv.index("--") + 1:]) \
+        if "--" in argv else (argv, [], [])
+    hoisted: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(head):
+        arg = head[i]
+        if arg == "--store" and i + 1 < len(head):
+            hoisted = ["--store", head[i + 1]]
+            i += 2
+            continue
+        if arg.startswith("--store="):
+            hoisted = ["--store", arg.split("=", 1)[1]]
+        else:
+            rest.append(arg)
+        i += 1
+    return hoisted + rest + sep + tail
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app(args=hoist_store_option(sys.argv[1:]), prog_name="agentfs")
     except UserError as exc:
         print(f"agentfs: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("agentfs: aborted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":

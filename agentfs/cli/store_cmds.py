@@ -13,10 +13,9 @@ from agentfs.cli.common import open_store, print_json
 
 
 def init(ctx: typer.Context, base: Path = typer.Argument(..., help="the project directory"),
-         store: Path | None = typer.Option(None, "--store", help="where to keep the store"),
          ) -> None:
-    """Create a store for BASE (the directory agents will work on)."""
-    explicit = store or (Path(ctx.obj["store"]) if ctx.obj.get("store") else None)
+    """Create a store for BASE (where: --store DIR, else under $AGENTFS_HOME/stores)."""
+    explicit = Path(ctx.obj["store"]) if ctx.obj.get("store") else None
     s = Store.create(base, explicit)
     typer.echo(f"initialised store {s.root} for base {s.base}")
 

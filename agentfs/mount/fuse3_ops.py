@@ -61,6 +61,7 @@ class AgentfsOperations(pyfuse3.Operations):
         self.ov = overlay
         self.timeout = cache_timeout
         self._dirs: dict[int, tuple[str, list[str]]] = {}
+        self._xattr_names: dict[int, frozenset[bytes]] = {}
         self._next_dir = 1
 
     # -- helpers ---------------------------------------------------------
@@ -113,6 +114,8 @@ class AgentfsOperations(pyfuse3.Operations):
     async def forget(self, inode_list: Any) -> None:
         for ino, count in inode_list:
             self.ov.forget(ino, count)
+            if not self.ov.inodes.referenced(ino):
+                self._xattr_names.pop(ino, None)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -251,12 +254,22 @@ class AgentfsOperations(pyfuse3.Operations):
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
         return self.ov.access(self._path(inode), mode, ctx.uid, [ctx.gid])
 
+    # The kernel asks for security.capability before every write(2) and never caches
+    # the answer; each inode's xattr names are remembered (the daemon is the only
+    # writer), so a missing attribute costs no host call.
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        names = self._xattr_names.get(inode)
+        if names is None:
+            names = frozenset(os.fsencode(n) for n in self.ov.listxattr(self._path(inode)))
+            self._xattr_names[inode] = names
+        if name not in names:
+            raise FsError(errno.ENODATA)
         return self.ov.getxattr(self._path(inode), os.fsdecode(name))
 
     @_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self._xattr_names.pop(inode, None)
         self.ov.setxattr(self._path(inode), os.fsdecode(name), value)
 
     @_boundary
@@ -265,4 +278,5 @@ class AgentfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._xattr_names.pop(inode, None)
         self.ov.removexattr(self._path(inode), os.fsdecode(name))
