@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import typer
@@ -37,3 +38,44 @@ def list_(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> 
     for r in rows:
         where = f"  mounted at {', '.join(r['mounts'])}" if r["mounts"] else ""
         typer.echo(f"{r['name']}\t(from {r['parent'] or 'base'}){where}")
+
+
+@app.command("diff")
+def diff(ctx: typer.Context, name: str,
+         paths: list[str] | None = typer.Argument(None, help="limit to these paths"),
+         stat_: bool = typer.Option(False, "--stat", help="a diffstat, as git diff --stat"),
+         name_status: bool = typer.Option(False, "--name-status", help="status letter + path"),
+         as_json: bool = typer.Option(False, "--json", help="machine-readable list"),
+         color: str = typer.Option("auto", "--color", help="auto, always or never"),
+         ) -> None:
+    """What branch NAME changed since its fork point (read-only; works while mounted)."""
+    from agentfs.cli import diff_output
+    from agentfs.mount.view import open_branch_layers
+    from agentfs.overlay.diff import ViewReader, diff_views
+    from agentfs.overlay.resolve import Resolver
+
+    s = open_store(ctx)
+    layers = open_branch_layers(s, name)
+    try:
+        branch_view, fork_view = Resolver(layers), Resolver(layers[1:])
+        changes = diff_views(branch_view, fork_view, paths or None)
+        new, old = ViewReader(branch_view), ViewReader(fork_view)
+        if as_json:
+            rows = []
+            for c in changes:
+                row = c.as_dict()
+                counts = diff_output.line_counts(c, new, old) if c.content_changed else (0, 0)
+                row["binary"] = counts is None
+                row["insertions"], row["deletions"] = counts or (0, 0)
+                rows.append(row)
+            print_json({"branch": name, "changes": rows})
+        elif name_status:
+            sys.stdout.write(diff_output.name_status(changes))
+        elif stat_:
+            sys.stdout.write(diff_output.diffstat(changes, new, old))
+        else:
+            use_color = color == "always" or (color == "auto" and sys.stdout.isatty())
+            diff_output.patch(changes, new, old, use_color)
+    finally:
+        for layer in layers:
+            layer.close()

@@ -8,10 +8,15 @@ from agentfs.overlay.engine import Overlay
 from agentfs.overlay.layers import Layer
 
 
-def open_branch_view(store: Store, branch: str) -> Overlay:
+def open_branch_layers(store: Store, branch: str) -> list[Layer]:
+    """The branch's stack, top first, base last."""
     info = store.branch(branch)
     if not store.base.is_dir():
         raise UserError(f"base directory {store.base} is missing")
     layers = [Layer.open_store_layer(lid, str(store.layer_dir(lid))) for lid in info.layer_stack]
     layers.append(Layer.open_base(str(store.base)))
-    return Overlay(layers)
+    return layers
+
+
+def open_branch_view(store: Store, branch: str) -> Overlay:
+    return Overlay(open_branch_layers(store, branch))

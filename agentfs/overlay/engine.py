@@ -29,8 +29,8 @@ from agentfs.errors import FsError
 from agentfs.overlay import copyup
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.hostio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
-from agentfs.overlay.inodes import ROOT_INO, InodeTable
-from agentfs.overlay.layers import MARKER, STORE_INO_TAG, WHITEOUT_MODE, Layer
+from agentfs.overlay.inodes import InodeTable
+from agentfs.overlay.layers import MARKER, WHITEOUT_MODE, Layer
 from agentfs.overlay.resolve import Loc, Resolver
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ class Overlay:
         self._by_ino: dict[int, set[int]] = {}
         self._fh = itertools.count(1)
         self._orphans: dict[int, str] = {}
-        self._base_dev = layers[-1].tree.dev
         self._dir_nlink: dict[str, int] = {}
         self._prepare_work()
 
@@ -131,15 +130,7 @@ class Overlay:
         return errno.ENOENT
 
     def _ino(self, path: str, loc: Loc, st: os.stat_result) -> int:
-        if not path:
-            return ROOT_INO
-        layer = self.layers[loc.layer]
-        if layer.is_base:
-            if st.st_dev == self._base_dev:
-                return st.st_ino
-            return ((st.st_dev & 0xFFFF) << 44 | st.st_ino) & ~STORE_INO_TAG or 2
-        origin = layer.meta(loc.host, loc.rel, st).get("origin")
-        return int(origin) if origin else STORE_INO_TAG | st.st_ino
+        return self.resolver.ino_of(path, loc, st)
 
     def _attr(self, path: str, loc: Loc) -> Attr:
         st = loc.host.lstat(loc.rel)

@@ -12,12 +12,14 @@ forever and results for k == 0 are invalidated by the engine on every change.
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
 from typing import Final
 
 from agentfs.overlay.hostio import HostDir, join, split
-from agentfs.overlay.layers import Layer
+from agentfs.overlay.inodes import ROOT_INO
+from agentfs.overlay.layers import STORE_INO_TAG, Layer
 
 _CACHE_LIMIT: Final = 200_000
 
@@ -70,6 +72,19 @@ class Resolver:
             cache.clear()
         cache[path] = loc
         return loc
+
+    def ino_of(self, path: str, loc: Loc, st: os.stat_result) -> int:
+        """The overlay's inode number: base objects keep theirs, copied-up objects their
+        origin's, objects born in a layer get the layer file's number, tagged."""
+        if not path:
+            return ROOT_INO
+        layer = self.layers[loc.layer]
+        if layer.is_base:
+            if st.st_dev == self.layers[-1].tree.dev:
+                return st.st_ino
+            return ((st.st_dev & 0xFFFF) << 44 | st.st_ino) & ~STORE_INO_TAG or 2
+        origin = layer.meta(loc.host, loc.rel, st).get("origin")
+        return int(origin) if origin else STORE_INO_TAG | st.st_ino
 
     def lower_exists(self, path: str) -> bool:
         """Is *path* visible in the view below the top layer?"""
