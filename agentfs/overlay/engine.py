@@ -30,7 +30,7 @@ from agentfs.overlay import copyup
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.hostio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
 from agentfs.overlay.inodes import InodeTable
-from agentfs.overlay.layers import MARKER, WHITEOUT_MODE, Layer
+from agentfs.overlay.layers import MARKER, STORE_INO_TAG, WHITEOUT_MODE, Layer
 from agentfs.overlay.resolve import Loc, Resolver
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Overlay:
         self._fh = itertools.count(1)
         self._orphans: dict[int, str] = {}
         self._dir_nlink: dict[str, int] = {}
+        self._listings: dict[str, tuple[str, ...]] = {}  # dir path -> visible names
         self._prepare_work()
 
     def _prepare_work(self) -> None:
@@ -94,12 +95,16 @@ class Overlay:
         self.resolver.invalidate(path, subtree)
         if subtree:
             self._dir_nlink.clear()
+            self._listings.clear()
         else:
-            self._dir_nlink.pop(split(path)[0], None)
+            parent = split(path)[0]
+            self._dir_nlink.pop(parent, None)
+            self._listings.pop(parent, None)
 
     def _invalidate_all(self) -> None:
         self.resolver.invalidate_all()
         self._dir_nlink.clear()
+        self._listings.clear()
 
     def _merged_nlink(self, path: str) -> int:
         """2 + subdirectories, as a plain directory reports (find(1) relies on it)."""
@@ -177,10 +182,21 @@ class Overlay:
         return loc.host.readlink(loc.rel)
 
     def listdir(self, path: str) -> list[str]:
-        """Names visible in directory *path* (top layer first, then lower layers)."""
+        """Names visible in directory *path* (top layer first, then lower layers).
+        Cached until something in the directory changes (only this engine writes)."""
+        cached = self._listings.get(path)
+        if cached is not None:
+            return list(cached)
         loc = self._locate(path)
         if not loc.is_dir:
             raise FsError(errno.ENOTDIR)
+        names = self._list_uncached(path, loc)
+        if len(self._listings) > 10_000:
+            self._listings.clear()
+        self._listings[path] = tuple(names)
+        return names
+
+    def _list_uncached(self, path: str, loc: Loc) -> list[str]:
         seen: dict[str, None] = {}
         for layer_idx, rel in loc.parts:
             host = self.layers[layer_idx].tree
@@ -415,11 +431,38 @@ class Overlay:
                 raise FsError(errno.EEXIST)
             return self.open(path, flags & ~os.O_CREAT), self.getattr(path)
         self._prepare_new(path)
+        if self.tree.try_lstat(path) is None:
+            return self._create_fast(path, flags, mode, uid, gid)
         self._place(path, lambda h, r: os.close(h.open(r, os.O_CREAT | os.O_EXCL, 0o600)))
         self._own(path, uid, gid)
         self.tree.chmod(path, mode & 0o7777)
         attr = self.getattr(path)
         return self._open_handle(attr.ino, self._locate(path), flags & ~os.O_TRUNC), attr
+
+    def _create_fast(self, path: str, flags: int, mode: int, uid: int,
+                     gid: int) -> tuple[int, Attr]:
+        """The common create (no whiteout in the way): one open, fd-based fix-ups, and
+        the new fd becomes the handle."""
+        pst = self._parent_stat(path)
+        if pst.st_mode & stat.S_ISGID:
+            gid = pst.st_gid
+        fd = self.tree.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode & 0o7777)
+        try:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, uid, gid)
+            st = os.fstat(fd)
+            if stat.S_IMODE(st.st_mode) != mode & 0o7777:
+                os.fchmod(fd, mode & 0o7777)
+                st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._invalidate(path)
+        attr = Attr.from_stat(STORE_INO_TAG | st.st_ino, st)
+        fh = next(self._fh)
+        self.handles[fh] = Handle(ino=attr.ino, fd=fd, flags=flags & ~os.O_TRUNC, on_top=True)
+        self._by_ino.setdefault(attr.ino, set()).add(fh)
+        return fh, attr
 
     def link(self, src: str, dst: str) -> Attr:
         sloc = self._locate(src)
