@@ -65,3 +65,33 @@ class MountRow(Base):
     mode: Mapped[str] = mapped_column(String, default="pinned")
     started: Mapped[datetime]
     log_path: Mapped[str] = mapped_column(String, default="")
+
+
+class CommitRow(Base):
+    """One commit of a branch into its target.  state moves preparing -> removing ->
+    placing -> finishing -> done (or rolled_back); every step of a phase is
+    idempotent, so recovery re-runs the phase it finds and continues."""
+
+    __tablename__ = "commits"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    branch_id: Mapped[int] = mapped_column(ForeignKey("branches.id"))
+    target: Mapped[str] = mapped_column(String)          # "base" or a branch name
+    state: Mapped[str] = mapped_column(String)
+    snapshot_layer_id: Mapped[int | None] = mapped_column(ForeignKey("layers.id"))
+    created: Mapped[datetime]
+    finished: Mapped[datetime | None]
+    summary: Mapped[str] = mapped_column(String, default="")
+
+
+class CommitOpRow(Base):
+    """One planned change of a commit, written before anything is touched.
+    action: remove | mkdir | place | rmdir | meta; tmp is the staged file's path."""
+
+    __tablename__ = "commit_ops"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    commit_id: Mapped[int] = mapped_column(ForeignKey("commits.id"))
+    seq: Mapped[int]
+    action: Mapped[str] = mapped_column(String)
+    path: Mapped[str] = mapped_column(String)
+    tmp: Mapped[str] = mapped_column(String, default="")
+    arg: Mapped[str] = mapped_column(String, default="")   # JSON: mode, uid, gid, times

@@ -74,8 +74,16 @@ class BranchInfo:
     parent: str | None
     top_layer: int
     layer_stack: tuple[int, ...]  # top first, excluding the base
+    fork_layer: int | None        # the frozen layer it was forked on (None: the base)
     created: datetime
     state: str
+
+    @property
+    def own_layers(self) -> int:
+        """How many layers at the top of the stack hold this branch's own changes."""
+        if self.fork_layer is None:
+            return len(self.layer_stack)
+        return self.layer_stack.index(self.fork_layer)
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class Store:
         if not db.is_file():
             raise UserError(f"{root} is not an agentfs store (no meta.db); run `agentfs init`")
         self.engine: Engine = _make_engine(db)
+        Base.metadata.create_all(self.engine)  # adds tables a newer agentfs introduced
         version = self.info("schema_version")
         if version is None or int(version) > SCHEMA_VERSION:
             raise UserError(f"store {root} has schema version {version}, this agentfs knows "
@@ -224,7 +233,7 @@ class Store:
         parent = s.get(BranchRow, row.parent_branch_id) if row.parent_branch_id else None
         return BranchInfo(id=row.id, name=row.name, parent=parent.name if parent else None,
                           top_layer=row.top_layer_id, layer_stack=tuple(stack),
-                          created=row.created, state=row.state)
+                          fork_layer=row.fork_layer_id, created=row.created, state=row.state)
 
     # -- mounts ---------------------------------------------------------------
     def add_mount(self, branch: str, mountpoint: str, pid: int, mode: str,

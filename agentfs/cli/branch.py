@@ -57,7 +57,8 @@ def diff(ctx: typer.Context, name: str,
     s = open_store(ctx)
     layers = open_branch_layers(s, name)
     try:
-        branch_view, fork_view = Resolver(layers), Resolver(layers[1:])
+        branch_view = Resolver(layers)
+        fork_view = Resolver(layers[s.branch(name).own_layers:])
         changes = diff_views(branch_view, fork_view, paths or None)
         new, old = ViewReader(branch_view), ViewReader(fork_view)
         if as_json:
@@ -79,3 +80,38 @@ def diff(ctx: typer.Context, name: str,
     finally:
         for layer in layers:
             layer.close()
+
+
+@app.command("commit")
+def commit(ctx: typer.Context, name: str,
+           into: str | None = typer.Option(None, "--into", help="the parent branch, or base"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="show what would change"),
+           force: bool = typer.Option(False, "--force", help="take the branch's version on "
+                                                             "conflicts"),
+           paths: list[str] | None = typer.Option(None, "--paths", help="only these paths"),
+           as_json: bool = typer.Option(False, "--json"),
+           ) -> None:
+    """Apply branch NAME's changes to the base (journaled, crash-safe, conflict-checked)."""
+    from rich.progress import Progress
+
+    from agentfs.workflow.commit import commit_branch
+
+    s = open_store(ctx)
+    show_bar = sys.stderr.isatty() and not as_json
+    with Progress(transient=True, disable=not show_bar) as bar:
+        task = bar.add_task(f"committing {name}", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = commit_branch(s, name, into=into, dry_run=dry_run, force=force,
+                               paths=paths or None, progress=progress)
+    if as_json:
+        print_json(report)
+        return
+    verb = "would apply" if dry_run else "applied"
+    for c in report.changes:
+        arrow = f"{c['old_path']} -> " if "old_path" in c else ""
+        typer.echo(f"{c['status']}\t{arrow}{c['path']}")
+    typer.echo(f"{verb} {len(report.changes)} change(s) from {name} to {report.target}"
+               + (f" (commit {report.commit_id})" if report.commit_id else ""))

@@ -15,8 +15,14 @@ from agentfs.branches.store import Store
 
 
 def open_store(ctx: typer.Context) -> Store:
+    """The store for this command; a commit a killed process left half done is
+    finished (or rolled back) first, so every command sees a consistent store."""
+    from agentfs.workflow.commit import recover
+
     explicit = ctx.obj.get("store") if ctx.obj else None
-    return Store.find(explicit)
+    store = Store.find(explicit)
+    recover(store)
+    return store
 
 
 def _default(o: Any) -> Any:

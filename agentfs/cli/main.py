@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -58,6 +59,15 @@ def main() -> None:
     except UserError as exc:
         print(f"agentfs: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("agentfs: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("AGENTFS_DEBUG"):
+            raise
+        print(f"agentfs: internal error: {type(exc).__name__}: {exc} "
+              "(set AGENTFS_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(70)
 
 
 if __name__ == "__main__":

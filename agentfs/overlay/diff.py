@@ -135,14 +135,21 @@ def _under(path: str, prefix: str) -> bool:
     return not prefix or path == prefix or path.startswith(prefix + "/")
 
 
-def _unchanged_subtree(new: ViewReader, path: str) -> bool:
-    """A directory the top layer never touched, reached without redirects: identical."""
-    loc = new.resolver.locate(path)
-    return loc is not None and loc.own_rel is None and loc.lower_path == path
+def _unchanged_subtree(new: ViewReader, old: ViewReader, path: str) -> bool:
+    """A directory merged from exactly the same layer directories in both views: the
+    branch's layers never touched it, so nothing below it can differ."""
+    a, b = new.resolver.locate(path), old.resolver.locate(path)
+    if a is None or b is None:
+        return False
+    return _sources(new, a) == _sources(old, b)
+
+
+def _sources(view: ViewReader, loc: Loc) -> list[tuple[int, str]]:
+    return [(id(view.resolver.layers[i].tree), rel) for i, rel in loc.parts]
 
 
 def _walk_dir(new: ViewReader, old: ViewReader, path: str, out: list[Change]) -> None:
-    if path and _unchanged_subtree(new, path):
+    if path and _unchanged_subtree(new, old, path):
         return
     new_names, old_names = new.names(path), old.names(path)
     for name in sorted(set(new_names) | set(old_names)):

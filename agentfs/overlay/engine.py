@@ -249,24 +249,41 @@ class Overlay:
         self._ensure_dir_on_top(parent)
         st = loc.host.lstat(loc.rel)
         ino = self._ino(path, loc, st)
+        stamp = self.base_stamp(loc)
         tmp = copyup.temp_name()
         copyup.clone_object(loc.host, loc.rel, st, self.work, tmp, with_data)
+        meta: dict[str, Any] = {"origin": ino}
+        if stamp:
+            meta["bst"] = stamp
         if loc.kind == stat.S_IFREG and loc.lower_nlink > 1:
             # every name of a hard-linked lower file must see the one copy: index it
             assert self.top.index is not None
-            self.top.set_meta(self.work, tmp, {"origin": ino, "lower_only": loc.lower_nlink})
+            self.top.set_meta(self.work, tmp, {**meta, "lower_only": loc.lower_nlink})
             self.work.rename_to(tmp, self.top.index, str(loc.lower_ino))
             self.top.indexed.add(loc.lower_ino)
             self._invalidate_all()  # other names now resolve to the index
         else:
             if loc.kind in (stat.S_IFREG, stat.S_IFDIR):
-                self.top.set_meta(self.work, tmp, {"origin": ino})
+                self.top.set_meta(self.work, tmp, meta)
             with self._parent_times_kept(path):
                 self.work.rename_to(tmp, self.tree, path)
             self._invalidate(path)
         new = self._locate(path)
         self._repoint_handles(ino, new)
         return new
+
+    def base_stamp(self, loc: Loc) -> list[int] | None:
+        """[size, mtime_ns] of the base object a path showed when the branch took it
+        over (copy-up or delete); commit compares it with the base to find conflicts."""
+        layer = self.layers[loc.layer]
+        if layer.is_base:
+            if loc.is_dir:
+                return None
+            st = loc.host.lstat(loc.rel)
+            return [st.st_size, st.st_mtime_ns]
+        st = loc.host.lstat(loc.rel)
+        stamp = layer.meta(loc.host, loc.rel, st).get("bst")
+        return list(stamp) if stamp else None
 
     def _repoint_handles(self, ino: int, loc: Loc) -> None:
         for fh in self._by_ino.get(ino, ()):
@@ -300,19 +317,20 @@ class Overlay:
         self.top.set_meta(loc.host, loc.rel, meta)
 
     # ------------------------------------------------------------- whiteouts
-    def _make_whiteout(self) -> str:
+    def _make_whiteout(self, stamp: list[int] | None = None) -> str:
         tmp = copyup.temp_name()
         fd = self.work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
         os.close(fd)
         self.work.chmod(tmp, 0)
-        self.top.set_meta(self.work, tmp, {"wh": 1})
+        self.top.set_meta(self.work, tmp, {"wh": 1, "bst": stamp} if stamp else {"wh": 1})
         return tmp
 
-    def _remove_from_top(self, path: str, whiteout: bool, ino: int) -> None:
+    def _remove_from_top(self, path: str, whiteout: bool, ino: int,
+                         stamp: list[int] | None = None) -> None:
         """Take *path* out of the top tree, leaving a whiteout if lower content exists."""
         st = self.tree.try_lstat(path)
         if whiteout:
-            tmp = self._make_whiteout()
+            tmp = self._make_whiteout(stamp)
             if st is None:
                 self.work.rename_to(tmp, self.tree, path)
                 return
@@ -375,8 +393,13 @@ class Overlay:
         else:
             tmp = copyup.temp_name()
             make(self.work, tmp)
-            if meta:
-                self.top.set_meta(self.work, tmp, meta)
+            stamp = self.top.meta(self.tree, path, wh).get("bst") if wh is not None else None
+            if stamp:  # the new object replaces that base object: keep commit's evidence
+                meta = {**(meta or {}), "bst": stamp}
+            tst = self.work.lstat(tmp)
+            if meta and (stat.S_ISREG(tst.st_mode) or stat.S_ISDIR(tst.st_mode)):
+                current = self.top.meta(self.work, tmp, tst)  # a hard link shares its inode's
+                self.top.set_meta(self.work, tmp, {**current, **meta})
             if wh is None:
                 self.work.rename_to(tmp, self.tree, path)
             else:  # exchange: a directory cannot be renamed over the whiteout file
@@ -485,7 +508,8 @@ class Overlay:
         self._release_lower_name(path, loc)
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
-        self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
+        self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino,
+                              self.base_stamp(loc))
         self._invalidate(path)
         self.inodes.unlinked(attr.ino, path)
 
@@ -543,6 +567,7 @@ class Overlay:
         sparent, _ = split(src)
         self._ensure_dir_on_top(sparent)
         self._ensure_dir_on_top(dparent)
+        stamp = self.base_stamp(sloc)
         self._prepare_move(src, sloc)
         if exchange:
             assert dloc is not None
@@ -569,7 +594,7 @@ class Overlay:
         else:
             self.tree.rename_to(src, self.tree, dst)
         if self.resolver.lower_exists(src):
-            self.work.rename_to(self._make_whiteout(), self.tree, src)
+            self.work.rename_to(self._make_whiteout(stamp), self.tree, src)
         self._moved(src, dst, exchange=False)
 
     def _prepare_move(self, path: str, loc: Loc) -> None:

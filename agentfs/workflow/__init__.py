@@ -1,0 +1,1 @@
+"""Branch operations that combine the store and the overlay engine (commit, discard)."""
