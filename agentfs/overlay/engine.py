@@ -249,7 +249,7 @@ class Overlay:
         self._ensure_dir_on_top(parent)
         st = loc.host.lstat(loc.rel)
         ino = self._ino(path, loc, st)
-        stamp = self.base_stamp(loc)
+        stamp = self.base_stamp(loc, path)
         tmp = copyup.temp_name()
         copyup.clone_object(loc.host, loc.rel, st, self.work, tmp, with_data)
         meta: dict[str, Any] = {"origin": ino}
@@ -272,18 +272,20 @@ class Overlay:
         self._repoint_handles(ino, new)
         return new
 
-    def base_stamp(self, loc: Loc) -> list[int] | None:
-        """[size, mtime_ns] of the base object a path showed when the branch took it
-        over (copy-up or delete); commit compares it with the base to find conflicts."""
+    def base_stamp(self, loc: Loc, path: str) -> list[Any] | None:
+        """[size, mtime_ns, path] of the base object *path* showed when the branch took it
+        over (copy-up, delete, rename over it); commit compares it with the base to
+        find conflicts.  None: the branch holds no evidence about the base at *path*."""
         layer = self.layers[loc.layer]
-        if layer.is_base:
-            if loc.is_dir:
-                return None
-            st = loc.host.lstat(loc.rel)
-            return [st.st_size, st.st_mtime_ns]
         st = loc.host.lstat(loc.rel)
-        stamp = layer.meta(loc.host, loc.rel, st).get("bst")
-        return list(stamp) if stamp else None
+        if layer.is_base:
+            return None if loc.is_dir else [st.st_size, st.st_mtime_ns, path]
+        meta = layer.meta(loc.host, loc.rel, st)
+        for key in ("rst", "bst"):
+            stamp = meta.get(key)
+            if stamp and len(stamp) == 3 and stamp[2] == path:
+                return list(stamp)
+        return None
 
     def _repoint_handles(self, ino: int, loc: Loc) -> None:
         for fh in self._by_ino.get(ino, ()):
@@ -317,7 +319,7 @@ class Overlay:
         self.top.set_meta(loc.host, loc.rel, meta)
 
     # ------------------------------------------------------------- whiteouts
-    def _make_whiteout(self, stamp: list[int] | None = None) -> str:
+    def _make_whiteout(self, stamp: list[Any] | None = None) -> str:
         tmp = copyup.temp_name()
         fd = self.work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
         os.close(fd)
@@ -326,7 +328,7 @@ class Overlay:
         return tmp
 
     def _remove_from_top(self, path: str, whiteout: bool, ino: int,
-                         stamp: list[int] | None = None) -> None:
+                         stamp: list[Any] | None = None) -> None:
         """Take *path* out of the top tree, leaving a whiteout if lower content exists."""
         st = self.tree.try_lstat(path)
         if whiteout:
@@ -509,7 +511,7 @@ class Overlay:
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino,
-                              self.base_stamp(loc))
+                              self.base_stamp(loc, path))
         self._invalidate(path)
         self.inodes.unlinked(attr.ino, path)
 
@@ -567,7 +569,9 @@ class Overlay:
         sparent, _ = split(src)
         self._ensure_dir_on_top(sparent)
         self._ensure_dir_on_top(dparent)
-        stamp = self.base_stamp(sloc)
+        stamp = self.base_stamp(sloc, src)
+        replaced_stamp = (self.base_stamp(dloc, dst) if dloc is not None and not exchange
+                          else None)
         self._prepare_move(src, sloc)
         if exchange:
             assert dloc is not None
@@ -579,6 +583,8 @@ class Overlay:
         if dloc is not None and not dloc.is_dir:
             self._release_lower_name(dst, dloc)
         dst_st = self.tree.try_lstat(dst)
+        if dst_st is not None and replaced_stamp is None and self.top.is_whiteout(dst, dst_st):
+            replaced_stamp = self.top.meta(self.tree, dst, dst_st).get("bst")
         if dst_st is not None:
             if stat.S_ISDIR(dst_st.st_mode):
                 self.tree.remove_tree(dst)  # empty in the view: only whiteouts inside
@@ -593,6 +599,11 @@ class Overlay:
             self.tree.unlink(src)
         else:
             self.tree.rename_to(src, self.tree, dst)
+        if replaced_stamp:  # commit must know which base object this rename replaced
+            mst = self.tree.lstat(dst)
+            if stat.S_ISREG(mst.st_mode) or stat.S_ISDIR(mst.st_mode):
+                meta = self.top.meta(self.tree, dst, mst)
+                self.top.set_meta(self.tree, dst, {**meta, "rst": replaced_stamp})
         if self.resolver.lower_exists(src):
             self.work.rename_to(self._make_whiteout(stamp), self.tree, src)
         self._moved(src, dst, exchange=False)

@@ -93,47 +93,48 @@ def _crash_point() -> Callable[[], None]:
 
 # ----------------------------------------------------------------- planning
 def _conflicts(changes: list[Change], base: HostDir, branch: Resolver) -> list[str]:
-    """Base paths that are no longer the object the branch took over (copy-up or delete
-    stamp differs), or that appeared in the base under a path the branch created."""
+    """Base paths that are no longer the object the branch took over: the stamp the
+    branch recorded (copy-up, delete or rename-over) differs from the base now.  Where
+    the branch holds no stamp for a path (it never saw a base object there, or the
+    object cannot carry one, like a symlink) there is no evidence and no conflict."""
     out = []
     for c in changes:
-        checks: list[tuple[str, list[int] | None, bool]] = []
-        if c.status in (MODIFIED, TYPE_CHANGED, ADDED) and c.new is not None:
-            checks.append((c.path, _object_stamp(branch, c.new), False))
+        checks: list[tuple[str, list[Any] | None]] = []
+        if c.new is not None and c.status != DELETED:
+            checks.append((c.path, _object_stamp(branch, c.new, c.path)))
         if c.status == RENAMED and c.old_path is not None and c.new is not None:
-            checks.append((c.old_path, _object_stamp(branch, c.new), False))
-            checks.append((c.path, None, False))
+            checks.append((c.old_path, _object_stamp(branch, c.new, c.old_path)))
         if c.status == DELETED:
-            stamp, exact = _whiteout_stamp(branch, c.path)
-            checks.append((c.path, stamp, not exact))
-        for path, stamp, unknown_ok in checks:
+            checks.append((c.path, _whiteout_stamp(branch, c.path)))
+        for path, stamp in checks:
             st = base.try_lstat(path)
-            if st is None or stat.S_ISDIR(st.st_mode):
+            if st is None or stat.S_ISDIR(st.st_mode) or stamp is None:
                 continue
-            if stamp is None and unknown_ok:
-                continue
-            if stamp != [st.st_size, st.st_mtime_ns]:
+            if stamp[:2] != [st.st_size, st.st_mtime_ns]:
                 out.append(path)
     return sorted(set(out))
 
 
-def _object_stamp(branch: Resolver, entry: Entry) -> list[int] | None:
+def _object_stamp(branch: Resolver, entry: Entry, path: str) -> list[Any] | None:
     layer = branch.layers[entry.loc.layer]
     st = entry.loc.host.lstat(entry.loc.rel)
     if layer.is_base:  # the branch shows the base object itself (e.g. a renamed dir)
-        return [st.st_size, st.st_mtime_ns]
-    stamp = layer.meta(entry.loc.host, entry.loc.rel, st).get("bst")
-    return list(stamp) if stamp else None
+        return [st.st_size, st.st_mtime_ns, path] if entry.loc.rel == path else None
+    meta = layer.meta(entry.loc.host, entry.loc.rel, st)
+    for key in ("rst", "bst"):
+        stamp = meta.get(key)
+        if stamp and len(stamp) == 3 and stamp[2] == path:
+            return list(stamp)
+    return None
 
 
-def _whiteout_stamp(branch: Resolver, path: str) -> tuple[list[int] | None, bool]:
-    """(stamp, whether the whiteout is exactly at *path*) for a deleted path."""
+def _whiteout_stamp(branch: Resolver, path: str) -> list[Any] | None:
     found = _whiteout_loc(branch, path)
     if found is None:
-        return None, False
+        return None
     host, rel = found
     stamp = _layer_of(branch.layers, host).meta(host, rel, host.lstat(rel)).get("bst")
-    return (list(stamp) if stamp else None), rel == path
+    return list(stamp) if stamp and len(stamp) == 3 and stamp[2] == path else None
 
 
 def _layer_of(layers: list[Layer], host: HostDir) -> Layer:
@@ -271,7 +272,7 @@ def _entry_arg(entry: Entry | None) -> dict[str, Any]:
 def _staging_name(base: HostDir, path: str, commit_id: int, seq: int) -> str:
     """A temp name in the target's directory, or its nearest existing ancestor."""
     parent = split(path)[0]
-    while parent and base.try_lstat(parent) is None:
+    while parent and not ((st := base.try_lstat(parent)) and stat.S_ISDIR(st.st_mode)):
         parent = split(parent)[0]
     return join(parent, f".agentfs-commit-{commit_id}-{seq}")
 
@@ -351,7 +352,12 @@ def _apply_op(base: HostDir, snap: Layer, action: str, path: str, tmp: str,
             if base.try_lstat(path) is None:
                 _whiteout_in_snapshot(base, snap, path)
             base.rename_to(tmp, base, path)
-    elif action == "meta" and base.try_lstat(path) is not None:
+    elif action == "meta" and (st := base.try_lstat(path)) is not None:
+        if snap.tree.try_lstat(path) is None and not _hidden_in_snapshot(snap, path):
+            # siblings must keep the directory's old mode/owner/times: record them first
+            _ensure_snapshot_parents(base, snap, path)
+            snap.tree.mkdir(path, 0o700)
+            copyup.copy_metadata(base, path, st, snap.tree, path)
         with contextlib.suppress(PermissionError):
             base.chown(path, arg["uid"], arg["gid"])
         base.chmod(path, arg["mode"])
@@ -399,17 +405,24 @@ def _whiteout_in_snapshot(base: HostDir, snap: Layer, path: str) -> None:
     """A path the commit adds must stay invisible to branches that sit on the snapshot."""
     if snap.tree.try_lstat(path) is not None:
         return
-    parts = path.split("/")
-    for i in range(1, len(parts)):
-        st = snap.tree.try_lstat("/".join(parts[:i]))
-        if st is not None and not stat.S_ISDIR(st.st_mode):
-            return  # an ancestor is already hidden (or replaced) in the snapshot
+    if _hidden_in_snapshot(snap, path):
+        return
     _ensure_snapshot_parents(base, snap, path)
     fd = snap.tree.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
     os.close(fd)
     snap.tree.chmod(path, 0)
     snap.set_meta(snap.tree, path, {"wh": 1})
     assert snap.tree.lstat(path).st_mode == WHITEOUT_MODE
+
+
+def _hidden_in_snapshot(snap: Layer, path: str) -> bool:
+    """Is an ancestor of *path* already hidden (or replaced) in the snapshot?"""
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        st = snap.tree.try_lstat("/".join(parts[:i]))
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            return True
+    return False
 
 
 def _set_state(store: Store, commit_id: int, state: str) -> None:
