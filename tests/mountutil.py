@@ -121,14 +121,15 @@ class MountedBranch:
 
 
 @contextlib.contextmanager
-def mounted_branch(base: Path, workdir: Path, branch: str = "test",
-                   init: bool = True) -> Iterator[MountedBranch]:
-    """Init a store for *base*, create *branch*, mount it; always clean up."""
+def mounted_branch(base: Path, workdir: Path, branch: str = "test", init: bool = True,
+                   store: Path | None = None,
+                   env: dict[str, str] | None = None) -> Iterator[MountedBranch]:
+    """Init a store for *base* (unless given), create *branch*, mount it; always clean up."""
     require_fuse()
     mnt = workdir / "mnt"
-    mnt.mkdir(exist_ok=True)
-    mb = MountedBranch(base=base, store=workdir / "store", mountpoint=mnt, branch=branch,
-                       env=cli_env(workdir / "home"))
+    mnt.mkdir(parents=True, exist_ok=True)
+    mb = MountedBranch(base=base, store=store or workdir / "store", mountpoint=mnt,
+                       branch=branch, env=env or cli_env(workdir / "home"))
     if init:
         run_cli("init", str(base), "--store", str(mb.store), env=mb.env)
         mb.cli("branch", "create", branch)

@@ -34,6 +34,9 @@ class LayerRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("layers.id"))
     frozen: Mapped[bool] = mapped_column(default=False)
+    # "branch": changes made in a branch; "snapshot": the base as it was before a commit
+    # (kept under the branches that sat on the base, so their view does not change)
+    kind: Mapped[str] = mapped_column(String, default="branch")
     created: Mapped[datetime]
 
 

@@ -78,11 +78,13 @@ class BranchInfo:
     created: datetime
     state: str
 
+    base_layers: int = 0          # snapshot layers at the bottom (the base as it was)
+
     @property
     def own_layers(self) -> int:
         """How many layers at the top of the stack hold this branch's own changes."""
         if self.fork_layer is None:
-            return len(self.layer_stack)
+            return len(self.layer_stack) - self.base_layers
         return self.layer_stack.index(self.fork_layer)
 
 
@@ -225,15 +227,18 @@ class Store:
 
     def _branch_info(self, s: Session, row: BranchRow) -> BranchInfo:
         stack = []
+        snapshots = 0
         layer_id: int | None = row.top_layer_id
         while layer_id is not None:
             stack.append(layer_id)
             layer = s.get(LayerRow, layer_id)
+            snapshots = snapshots + 1 if layer and layer.kind == "snapshot" else 0
             layer_id = layer.parent_id if layer else None
         parent = s.get(BranchRow, row.parent_branch_id) if row.parent_branch_id else None
         return BranchInfo(id=row.id, name=row.name, parent=parent.name if parent else None,
                           top_layer=row.top_layer_id, layer_stack=tuple(stack),
-                          fork_layer=row.fork_layer_id, created=row.created, state=row.state)
+                          fork_layer=row.fork_layer_id, created=row.created, state=row.state,
+                          base_layers=snapshots)
 
     # -- mounts ---------------------------------------------------------------
     def add_mount(self, branch: str, mountpoint: str, pid: int, mode: str,

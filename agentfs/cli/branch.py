@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from agentfs.cli.common import open_store, print_json
+from agentfs.errors import UserError
 
 app = typer.Typer(help="Create and list branches.", no_args_is_help=True)
 
@@ -115,3 +116,64 @@ def commit(ctx: typer.Context, name: str,
         typer.echo(f"{c['status']}\t{arrow}{c['path']}")
     typer.echo(f"{verb} {len(report.changes)} change(s) from {name} to {report.target}"
                + (f" (commit {report.commit_id})" if report.commit_id else ""))
+
+
+@app.command("discard")
+def discard(ctx: typer.Context, name: str,
+            yes: bool = typer.Option(False, "--yes", "-y", help="do not ask"),
+            purge: bool = typer.Option(False, "--purge", help="delete the data instead of "
+                                                              "moving it to the trash"),
+            force: bool = typer.Option(False, "--force", help="even if it has children"),
+            ) -> None:
+    """Remove branch NAME; its data goes to the store's trash unless --purge."""
+    from agentfs.workflow.discard import discard_branch
+
+    s = open_store(ctx)
+    s.branch(name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"refusing to discard {name!r} without --yes (no terminal to ask)")
+        typer.confirm(f"discard branch {name!r}?", abort=True)
+    trash = discard_branch(s, name, purge=purge, force=force)
+    typer.echo(f"discarded {name}" + (f"; data kept in {trash}" if trash else "; data purged"))
+
+
+@app.command("show")
+def show(ctx: typer.Context, name: str,
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Parent, fork point, creation time, change counts, size on disk and mounts."""
+    from collections import Counter
+
+    from agentfs.mount.view import open_branch_layers
+    from agentfs.overlay.diff import diff_views
+    from agentfs.overlay.resolve import Resolver
+
+    s = open_store(ctx)
+    info = s.branch(name)
+    layers = open_branch_layers(s, name)
+    try:
+        changes = diff_views(Resolver(layers), Resolver(layers[info.own_layers:]))
+    finally:
+        for layer in layers:
+            layer.close()
+    counts = Counter(c.status for c in changes
+                     if not ((c.new or c.old) and (c.new or c.old).kind == "dir"  # type: ignore[union-attr]
+                             and c.status in ("A", "D")))
+    size = sum(f.stat().st_size for lid in info.layer_stack[:info.own_layers]
+               for f in s.layer_dir(lid).rglob("*") if f.is_file() and not f.is_symlink())
+    data = {"name": info.name, "parent": info.parent or None,
+            "fork_point": f"layer {info.fork_layer}" if info.fork_layer else "base",
+            "created": info.created, "layers": list(info.layer_stack),
+            "changes": {"added": counts["A"], "modified": counts["M"], "deleted": counts["D"],
+                        "renamed": counts["R"], "type_changed": counts["T"]},
+            "size_bytes": size,
+            "mounts": [m.mountpoint for m in s.mounts() if m.branch == name]}
+    if as_json:
+        print_json(data)
+        return
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{v} {k}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(map(str, value)) or "-"
+        typer.echo(f"{key:11} {value}")

@@ -435,7 +435,7 @@ def _set_state(store: Store, commit_id: int, state: str) -> None:
 
 def _new_snapshot_layer(store: Store) -> int:
     with store.session() as s:
-        layer = LayerRow(parent_id=None, frozen=True, created=_now())
+        layer = LayerRow(parent_id=None, frozen=True, kind="snapshot", created=_now())
         s.add(layer)
         s.flush()
         store.layer_dir(layer.id).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,68 @@
+"""Discarding a branch: its rows go, its layer data moves to the store's trash area.
+
+Layers another branch still stands on (a child forked from this one) stay where
+they are; only what nobody else uses is moved.  A manifest beside the data says
+what the branch was, so it can be restored until the trash is purged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select
+
+from agentfs.branches.schema import BranchRow, CommitRow, LayerRow
+from agentfs.branches.store import Store
+from agentfs.errors import UserError
+
+
+def discard_branch(store: Store, name: str, *, purge: bool = False,
+                   force: bool = False) -> Path | None:
+    """Remove branch *name*; returns the trash directory (None when purged)."""
+    info = store.branch(name)
+    mounted = [m.mountpoint for m in store.mounts() if m.branch == name]
+    if mounted:
+        raise UserError(f"branch {name!r} is mounted at {', '.join(mounted)}; unmount it "
+                        "first")
+    others = [b for b in store.branches() if b.name != name]
+    children = [b.name for b in others if b.parent == name]
+    if children and not force:
+        raise UserError(f"branch {name!r} has children ({', '.join(children)}); discard "
+                        "them first or use --force")
+    shared = {lid for b in others for lid in b.layer_stack}
+    own = [lid for lid in info.layer_stack[:info.own_layers] if lid not in shared]
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+    trash = None if purge else store.root / "trash" / f"branch-{stamp}"
+    with store.session() as s:
+        row = s.scalar(select(BranchRow).where(BranchRow.name == name))
+        assert row is not None
+        for child in s.scalars(select(BranchRow).where(BranchRow.parent_branch_id == row.id)):
+            child.parent_branch_id = row.parent_branch_id  # they now commit where we would
+        for commit in s.scalars(select(CommitRow).where(CommitRow.branch_id == row.id)):
+            s.delete(commit)
+        s.flush()  # no ORM relationships: order the deletes by hand
+        s.delete(row)
+        s.flush()
+        for lid in own:
+            layer = s.get(LayerRow, lid)
+            if layer is not None:
+                s.delete(layer)
+    if trash is not None:
+        (trash / "layers").mkdir(parents=True)
+        manifest = {"kind": "branch", "name": name, "parent": info.parent,
+                    "layers": own, "layer_stack": list(info.layer_stack),
+                    "created": info.created.isoformat() + "Z",
+                    "discarded": datetime.now(UTC).isoformat()}
+        (trash / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    for lid in own:
+        src = store.layer_dir(lid)
+        if not src.exists():
+            continue
+        if trash is None:
+            shutil.rmtree(src)
+        else:
+            src.rename(trash / "layers" / str(lid))
+    return trash
