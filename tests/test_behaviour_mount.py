@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -16,17 +14,6 @@ from mountutil import mounted_branch
 from treehash import tree_fingerprint
 
 pytestmark = pytest.mark.mount
-
-
-@pytest.fixture
-def world_dir() -> Iterator[Path]:
-    """A 0755 work dir outside pytest's 0700 tmp, so other users can reach the mount."""
-    d = tempfile.mkdtemp(prefix="agentfs-mnt-")
-    os.chmod(d, 0o755)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

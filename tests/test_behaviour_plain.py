@@ -7,25 +7,12 @@ define (and sanity-check) the expected ext4 outcomes of each case.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from behaviour_cases import CASES, Case, run_case
 from fsfacade import OsFacade
-
-
-@pytest.fixture
-def world_tmp() -> Iterator[Path]:
-    """A 0755 directory directly under the system temp dir (pytest's tmp is 0700)."""
-    d = tempfile.mkdtemp(prefix="agentfs-behaviour-")
-    os.chmod(d, 0o755)
-    try:
-        yield Path(d)
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
@@ -34,7 +21,7 @@ def test_case_on_plain_dir(
 ) -> None:
     root = tmp_path / "view"
     if case.needs_world_access:
-        root = request.getfixturevalue("world_tmp") / "view"
+        root = request.getfixturevalue("world_dir") / "view"
 
     def make_fs(setup_base: Callable[[str], None]) -> OsFacade:
         root.mkdir(mode=0o755)

@@ -176,7 +176,12 @@ class Store:
         return self.root / "layers" / str(layer_id)
 
     # -- branches -------------------------------------------------------------
-    def create_branch(self, name: str, from_branch: str | None = None) -> BranchInfo:
+    def create_branch(self, name: str, from_branch: str | None = None,
+                      parent_live: bool = False) -> BranchInfo:
+        """Fork *from_branch* (or the base) in O(1): the parent's top is frozen and both
+        get a fresh top on it.  If the parent's top holds nothing and no daemon is
+        writing it (*parent_live* False), the fork rests on the layer below instead, so
+        repeated forks do not pile up empty layers."""
         validate_branch_name(name)
         with self.session() as s:
             if s.scalar(select(BranchRow).where(BranchRow.name == name)) is not None:
@@ -185,19 +190,26 @@ class Store:
             fork_layer = None
             if from_branch is not None:
                 parent_row = self._branch_row(s, from_branch)
-                if s.scalar(select(MountRow).where(MountRow.branch_id == parent_row.id)):
-                    raise UserError(f"branch {from_branch!r} is mounted; unmount it before "
-                                    "forking (live fork is not supported yet)")
-                # freeze the parent's top; parent and child each get a fresh top on it
                 old_top = s.get(LayerRow, parent_row.top_layer_id)
                 assert old_top is not None
-                old_top.frozen = True
-                parent_top = LayerRow(parent_id=old_top.id, created=_now())
-                s.add(parent_top)
-                s.flush()
-                parent_row.top_layer_id = parent_top.id
-                fork_layer = old_top.id
-            top = LayerRow(parent_id=fork_layer, created=_now())
+                if not parent_live and self._layer_is_empty(old_top.id):
+                    fork_layer = old_top.parent_id
+                    below = s.get(LayerRow, fork_layer) if fork_layer is not None else None
+                    if below is not None and below.kind == "snapshot":
+                        fork_layer = None  # the parent has no changes: fork the base view
+                        fork_parent = old_top.parent_id
+                    else:
+                        fork_parent = fork_layer
+                else:
+                    # freeze the parent's top; parent and child each get a fresh top on it
+                    old_top.frozen = True
+                    parent_top = LayerRow(parent_id=old_top.id, created=_now())
+                    s.add(parent_top)
+                    s.flush()
+                    parent_row.top_layer_id = parent_top.id
+                    fork_layer = fork_parent = old_top.id
+            top = LayerRow(parent_id=fork_parent if from_branch is not None else None,
+                           created=_now())
             s.add(top)
             s.flush()
             row = BranchRow(name=name, parent_branch_id=parent_row.id if parent_row else None,
@@ -208,6 +220,11 @@ class Store:
             if parent_row is not None:
                 self.layer_dir(parent_row.top_layer_id).mkdir(parents=True, exist_ok=True)
             return self._branch_info(s, row)
+
+    def _layer_is_empty(self, layer_id: int) -> bool:
+        path = self.layer_dir(layer_id)
+        return not any((path / sub).is_dir() and any((path / sub).iterdir())
+                       for sub in ("tree", "index"))
 
     def branch(self, name: str) -> BranchInfo:
         with Session(self.engine) as s:

@@ -19,9 +19,11 @@ def create(ctx: typer.Context, name: str,
                                                   help="fork this branch (default: the base)")
            ) -> None:
     """Create branch NAME (an O(1) fork of the base or of another branch)."""
+    from agentfs.mount.lifecycle import fork_branch
+
     s = open_store(ctx)
-    info = s.create_branch(name, from_branch)
-    typer.echo(f"created branch {info.name} from {from_branch or 'the base'}")
+    fork_branch(s, name, from_branch)
+    typer.echo(f"created branch {name} from {from_branch or 'the base'}")
 
 
 @app.command("list")

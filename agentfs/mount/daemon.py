@@ -15,14 +15,18 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pyfuse3
 import trio
 
 from agentfs.branches.store import Store
 from agentfs.errors import UserError
+from agentfs.mount import control
 from agentfs.mount.fuse3_ops import AgentfsOperations
 from agentfs.mount.view import open_branch_view
+from agentfs.overlay.engine import Overlay
+from agentfs.overlay.layers import Layer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,19 @@ def fuse_options(debug: bool) -> set[str]:
     return options
 
 
-async def _serve() -> None:
+def control_handler(overlay: Overlay) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def handle(req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("op") == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if req.get("op") == "fork":
+            overlay.push_top(Layer.open_store_layer(int(req["layer_id"]), str(req["layer_dir"])))
+            log.info("forked: new top layer %s", req["layer_id"])
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {req.get('op')!r}"}
+    return handle
+
+
+async def _serve(control_path: Path, overlay: Overlay) -> None:
     async with trio.open_nursery() as nursery:
         async def stop_on_signal() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -45,6 +61,7 @@ async def _serve() -> None:
                     pyfuse3.terminate()
                     return
         nursery.start_soon(stop_on_signal)
+        nursery.start_soon(control.serve, control_path, control_handler(overlay))
         await pyfuse3.main(min_tasks=4, max_tasks=64)
         nursery.cancel_scope.cancel()
 
@@ -70,7 +87,7 @@ def serve(store_root: Path, branch: str, mountpoint: str, debug: bool,
         store.add_mount(branch, mountpoint, os.getpid(), "pinned", log_path)
         ready(None)
         log.info("serving branch %s at %s", branch, mountpoint)
-        trio.run(_serve)
+        trio.run(_serve, control.socket_path(store_root, os.getpid()), overlay)
     finally:
         pyfuse3.close(unmount=True)
         overlay.close()

@@ -158,3 +158,27 @@ def _wait_exit(pid: int) -> None:
                 return
         time.sleep(0.05)
     raise UserError(f"daemon {pid} did not exit within {EXIT_TIMEOUT:.0f} s after unmount")
+
+
+def fork_branch(store: Store, name: str, from_branch: str | None) -> None:
+    """Create *name*; if *from_branch* is mounted, each of its daemons pushes the parent's
+    new top layer at this instant (after a syncfs, so data written before the fork is
+    in the snapshot), so the fork is a consistent snapshot even of open files."""
+    from agentfs.mount import control
+
+    mounts = [m for m in store.mounts() if from_branch is not None and m.branch == from_branch]
+    store.create_branch(name, from_branch, parent_live=bool(mounts))
+    if not mounts:
+        return
+    assert from_branch is not None
+    new_top = store.branch(from_branch).top_layer
+    for m in mounts:
+        with contextlib.suppress(OSError):
+            _syncfs(m.mountpoint)
+        reply = control.request(control.socket_path(store.root, m.pid),
+                                {"op": "fork", "layer_id": new_top,
+                                 "layer_dir": str(store.layer_dir(new_top))})
+        if not reply.get("ok"):
+            raise UserError(f"branch {name!r} was created, but the mount of {from_branch!r} "
+                            f"at {m.mountpoint} did not switch layers: {reply.get('error')}; "
+                            "remount it before writing more")

@@ -164,23 +164,29 @@ def _walk_dir(new: ViewReader, old: ViewReader, path: str, out: list[Change]) ->
 
 
 def _added(new: ViewReader, path: str, entry: Entry, out: list[Change]) -> None:
-    out.append(Change(ADDED, path, new=entry, content_changed=entry.kind != "dir"))
-    if entry.kind == "dir":
-        for name in new.names(path):
-            child = join(path, name)
-            e = new.entry(child)
-            if e is not None:
-                _added(new, child, e, out)
+    _whole_tree(new, path, entry, ADDED, out)
 
 
 def _deleted(old: ViewReader, path: str, entry: Entry, out: list[Change]) -> None:
-    out.append(Change(DELETED, path, old=entry, content_changed=entry.kind != "dir"))
+    _whole_tree(old, path, entry, DELETED, out)
+
+
+def _whole_tree(view: ViewReader, path: str, entry: Entry, status: str,
+                out: list[Change]) -> None:
+    """*path* and everything below it appeared (A, read from the branch) or went (D)."""
+    added = status == ADDED
+    out.append(Change(status, path, old=None if added else entry, new=entry if added else None,
+                      content_changed=entry.kind != "dir"))
     if entry.kind == "dir":
-        for name in old.names(path):
-            child = join(path, name)
-            e = old.entry(child)
-            if e is not None:
-                _deleted(old, child, e, out)
+        _below(view, path, status, out)
+
+
+def _below(view: ViewReader, path: str, status: str, out: list[Change]) -> None:
+    for name in view.names(path):
+        child = join(path, name)
+        e = view.entry(child)
+        if e is not None:
+            _whole_tree(view, child, e, status, out)
 
 
 def _same_object(a: Entry, b: Entry) -> bool:
@@ -192,15 +198,9 @@ def _compare(new: ViewReader, old: ViewReader, path: str, a: Entry, b: Entry,
     if a.kind != b.kind:
         out.append(Change(TYPE_CHANGED, path, old=a, new=b, content_changed=True))
         if a.kind == "dir":
-            for name in old.names(path):
-                e = old.entry(join(path, name))
-                if e is not None:
-                    _deleted(old, join(path, name), e, out)
+            _below(old, path, DELETED, out)
         if b.kind == "dir":
-            for name in new.names(path):
-                e = new.entry(join(path, name))
-                if e is not None:
-                    _added(new, join(path, name), e, out)
+            _below(new, path, ADDED, out)
         return
     if a.kind == "dir":
         if _meta_differs(a, b) or new.xattrs(a) != new.xattrs(b):

@@ -292,9 +292,32 @@ class Overlay:
             h = self.handles[fh]
             if h.on_top:
                 continue
-            fd = loc.host.open(loc.rel, os.O_RDONLY)
+            fd = loc.host.open(loc.rel, os.O_RDWR if self._writable(h) else os.O_RDONLY)
             os.close(h.fd)
             h.fd, h.on_top = fd, True
+
+    def push_top(self, new_top: Layer) -> None:
+        """Fork support: the current top becomes a frozen layer under *new_top*.
+
+        The view does not change.  Files open for writing are copied into the new top
+        now and their handles re-pointed, so writes after this instant land in the
+        new top only; the frozen layer is the fork's consistent snapshot."""
+        writing = {h.ino for h in self.handles.values() if self._writable(h) and h.on_top}
+        for h in self.handles.values():
+            h.on_top = False
+        self.layers = [new_top, *self.layers]
+        self.top, self.tree = new_top, new_top.tree
+        assert new_top.work is not None
+        self.work = new_top.work
+        self.resolver = Resolver(self.layers)
+        self._invalidate_all()
+        self._prepare_work()
+        for ino in writing:
+            if self.inodes.has_path(ino):
+                self._copy_up(self.inodes.path(ino))
+            else:
+                for fh in self._by_ino.get(ino, ()):  # unlinked: nobody else can see it
+                    self.handles[fh].on_top = True
 
     def _name_on_top(self, path: str, loc: Loc) -> None:
         """Give a copied-up hard-linked file (served from the index) a tree name."""

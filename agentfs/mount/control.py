@@ -1,0 +1,91 @@
+"""The daemon's control socket: a unix socket in the store, JSON lines.
+
+Requests: {"op": "ping"} and {"op": "fork", "layer_id": N, "layer_dir": PATH} (push a
+fresh top layer under the running view, for a fork of a mounted branch).  Only the
+daemon's own user (or root) may connect: the peer is checked with SO_PEERCRED and
+the socket is mode 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+MAX_REQUEST = 64 * 1024
+
+
+def socket_path(store_root: Path, pid: int) -> Path:
+    return store_root / "run" / f"ctl-{pid}.sock"
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+async def serve(path: Path, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Answer requests until cancelled; *handle* runs on the trio thread (no locking)."""
+    if path.exists():
+        path.unlink()
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await listener.bind(str(path))
+    finally:
+        os.umask(old)
+    listener.listen(16)
+    try:
+        while True:
+            conn, _ = await listener.accept()
+            with conn:
+                await _one(conn, handle)
+    finally:
+        listener.close()
+        if path.exists():
+            path.unlink()
+
+
+async def _one(conn: trio.socket.SocketType,
+               handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    uid = peer_uid(conn._sock)  # type: ignore[attr-defined]
+    if uid not in (0, os.getuid()):
+        await conn.send(b'{"ok": false, "error": "permission denied"}\n')
+        return
+    buf = b""
+    while b"\n" not in buf and len(buf) < MAX_REQUEST:
+        chunk = await conn.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    try:
+        reply = handle(json.loads(buf.decode()))
+    except Exception as exc:
+        log.exception("control request failed")
+        reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    await conn.send(json.dumps(reply).encode() + b"\n")
+
+
+def request(path: Path, message: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
+    """Send one request to a daemon and return its reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    reply: dict[str, Any] = json.loads(buf.decode() or "{}")
+    return reply
