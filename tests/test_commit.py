@@ -246,3 +246,87 @@ def test_commit_killed_at_every_step_ends_old_or_new(tmp_path: Path) -> None:
             assert final == new
             break
     assert outcomes == {"old", "new"}
+
+
+def _write(store: Store, branch: str, edits: dict[str, bytes | None]) -> None:
+    ov = open_branch_view(store, branch)
+    fs = CoreFacade(ov)
+    try:
+        for path, data in edits.items():
+            if data is None:
+                fs.unlink(path)
+            else:
+                fs.write_file(path, data)
+    finally:
+        ov.close()
+
+
+def _view(store: Store, branch: str) -> dict[str, tuple[object, ...]]:
+    ov = open_branch_view(store, branch)
+    try:
+        return tree_of_view(ov)
+    finally:
+        ov.close()
+
+
+def test_commit_into_parent_branch(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    populate(base)
+    before_base = tree(str(base))
+    store = Store.create(base, tmp_path / "store")
+    store.create_branch("a")
+    _write(store, "a", {"README": b"a edits readme\n"})
+    store.create_branch("sib", "a")             # an earlier child must not change
+    store.create_branch("b", "a")
+    sib_before = _view(store, "sib")
+    _write(store, "b", {"src/main.py": b"b's main\n", "docs/a.md": None, "b-new": b"b\n"})
+    _write(store, "a", {"a-after-fork": b"a\n"})  # the parent moved on meanwhile
+    commit_branch(store, "b")
+    a_view = _view(store, "a")
+    assert a_view["src/main.py"][2] == b"b's main\n" and "docs/a.md" not in a_view
+    assert a_view["b-new"][2] == b"b\n" and a_view["a-after-fork"][2] == b"a\n"
+    assert a_view["README"][2] == b"a edits readme\n"
+    assert reported_changes(store, "b") == set()     # b's fork point moved to the commit
+    assert _view(store, "sib") == sib_before
+    assert tree(str(base)) == before_base             # the base is only written by commits to it
+    # a conflict: both change the same file after the fork
+    _write(store, "b", {"README": b"b wants this\n"})
+    _write(store, "a", {"README": b"a wants that\n"})
+    with pytest.raises(CommitConflict) as exc:
+        commit_branch(store, "b")
+    assert exc.value.conflicts == ["README"]
+    assert _view(store, "a")["README"][2] == b"a wants that\n"
+    commit_branch(store, "b", force=True)
+    assert _view(store, "a")["README"][2] == b"b wants this\n"
+
+
+def test_commit_into_parent_killed_at_every_step(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "home")
+    for kill_after in range(0, 30):
+        work = tmp_path / f"run{kill_after}"
+        base = work / "base"
+        base.mkdir(parents=True)
+        populate(base)
+        store = Store.create(base, work / "store")
+        store.create_branch("a")
+        store.create_branch("b", "a")
+        old = _view(store, "a")
+        _write(store, "b", {"src/main.py": b"new main\n", "docs/a.md": None, "x": b"x\n",
+                            "README": b"new readme\n"})
+        want = _view(store, "b")
+        store.close()
+        run = subprocess.run([AGENTFS, "--store", str(work / "store"), "branch", "commit", "b"],
+                             env=dict(env, AGENTFS_TEST_KILL_AFTER=str(kill_after)),
+                             capture_output=True, text=True, timeout=60)
+        store = Store(work / "store")
+        subprocess.run([AGENTFS, "--store", str(work / "store"), "status"], env=env,
+                       check=True, capture_output=True, timeout=60)
+        got = _view(store, "a")
+        store.close()
+        assert got == want, (kill_after, run.returncode)
+        if run.returncode == 0:
+            break
+    else:
+        pytest.fail("the commit never finished")
+    assert old != want

@@ -87,10 +87,13 @@ class HostDir:
         self._dirs: OrderedDict[str, int] = OrderedDict()
 
     def close(self) -> None:
+        """Release the root and cached fds; closing twice is harmless (views share layers)."""
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     # -- directory fds -------------------------------------------------
     def dirfd(self, rel_dir: str) -> int:

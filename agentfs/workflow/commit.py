@@ -191,12 +191,18 @@ def commit_branch(store: Store, name: str, *, into: str | None = None, dry_run: 
     target = info.parent or "base"
     if into is not None and into != target:
         raise UserError(f"branch {name!r} can only be committed into its parent ({target})")
-    if info.parent is not None:
-        raise UserError(f"branch {name!r} was forked from branch {info.parent!r}; committing "
-                        "into a parent branch is not supported yet (commit it into the base "
-                        "after its parent, or fork from the base)")
     if any(m.branch == name for m in store.mounts()):
         raise UserError(f"branch {name!r} is mounted; unmount it before committing")
+    if info.parent is not None:
+        from agentfs.workflow.commit_branch import commit_into_parent
+
+        changes, conflicts, commit_id = commit_into_parent(
+            store, name, force=force, dry_run=dry_run, paths=paths, progress=progress,
+            step=_crash_point())
+        if conflicts and not force:
+            raise CommitConflict(conflicts)
+        return CommitReport(branch=name, target=target, dry_run=dry_run, commit_id=commit_id,
+                            changes=[c.as_dict() for c in changes], conflicts=conflicts)
     layers = open_branch_layers(store, name)
     try:
         branch_view = Resolver(layers)
@@ -475,6 +481,13 @@ def recover(store: Store) -> list[int]:
         pending = [(r.id, r.state) for r in s.scalars(
             select(CommitRow).where(CommitRow.state.not_in(("done", "rolled_back"))))]
     for commit_id, state in pending:
+        with store.session() as s:
+            target = s.get(CommitRow, commit_id).target  # type: ignore[union-attr]
+        if target != "base":
+            from agentfs.workflow.commit_branch import resume_into_parent
+
+            resume_into_parent(store, commit_id)
+            continue
         if state == "preparing":
             with store.session() as s:
                 tmps = [o.tmp for o in s.scalars(select(CommitOpRow).where(
