@@ -330,3 +330,17 @@ def test_commit_into_parent_killed_at_every_step(tmp_path: Path) -> None:
     else:
         pytest.fail("the commit never finished")
     assert old != want
+
+
+def test_both_added_is_a_conflict(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    populate(base)
+    store = Store.create(base, tmp_path / "store")
+    store.create_branch("a")
+    _write(store, "a", {"NEWS": b"from the branch\n", "untouched-new": b"fine\n"})
+    (base / "NEWS").write_text("added in the project meanwhile\n")
+    with pytest.raises(CommitConflict) as exc:
+        commit_branch(store, "a")
+    assert exc.value.conflicts == ["NEWS"]
+    assert (base / "NEWS").read_text() == "added in the project meanwhile\n"

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 NAME_MAX: Final = 255
 _ACCMODE: Final = os.O_RDONLY | os.O_WRONLY | os.O_RDWR
 _ORPHANS: Final = "orphans"
+ABSENT: Final = -1  # a stamp's size and mtime when the base had nothing at the path
 
 
 @dataclass(slots=True)
@@ -502,6 +503,8 @@ class Overlay:
             if stat.S_IMODE(st.st_mode) != mode & 0o7777:
                 os.fchmod(fd, mode & 0o7777)
                 st = os.fstat(fd)
+            # evidence for commit: the base had nothing here when the branch created it
+            self.top.set_meta_fd(fd, st, {"bst": [ABSENT, ABSENT, path]})
         except BaseException:
             os.close(fd)
             raise
@@ -594,7 +597,7 @@ class Overlay:
         self._ensure_dir_on_top(dparent)
         stamp = self.base_stamp(sloc, src)
         replaced_stamp = (self.base_stamp(dloc, dst) if dloc is not None and not exchange
-                          else None)
+                          else [ABSENT, ABSENT, dst] if dloc is None else None)
         self._prepare_move(src, sloc)
         if exchange:
             assert dloc is not None

@@ -92,6 +92,11 @@ class Layer:
                     raise
         self._meta[st.st_ino] = dict(meta)
 
+    def set_meta_fd(self, fd: int, st: os.stat_result, meta: dict[str, Any]) -> None:
+        """set_meta through an open fd (no path walk), for freshly created files."""
+        os.setxattr(fd, MARKER, json.dumps(meta, separators=(",", ":")).encode())
+        self._meta[st.st_ino] = dict(meta)
+
     def drop_meta(self, host_ino: int) -> None:
         self._meta.pop(host_ino, None)
 
