@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Attr:
     """A stat result with the overlay's inode number; what front ends reply with."""
 

@@ -68,6 +68,7 @@ class Overlay:
         self._fh = itertools.count(1)
         self._orphans: dict[int, str] = {}
         self._dir_nlink: dict[str, int] = {}
+        self._frozen_attrs: dict[tuple[str, int, str], Attr] = {}
         self._listings: dict[str, tuple[str, ...]] = {}  # dir path -> visible names
         self._prepare_work()
 
@@ -139,6 +140,19 @@ class Overlay:
         return self.resolver.ino_of(path, loc, st)
 
     def _attr(self, path: str, loc: Loc) -> Attr:
+        """Attributes of *path*; objects in frozen layers or the base never change, so
+        theirs are remembered (git status stats every file through readdirplus)."""
+        if loc.layer == 0:
+            return self._attr_uncached(path, loc)
+        key = (path, id(loc.host), loc.rel)
+        attr = self._frozen_attrs.get(key)
+        if attr is None:
+            if len(self._frozen_attrs) > 200_000:
+                self._frozen_attrs.clear()
+            attr = self._frozen_attrs[key] = self._attr_uncached(path, loc)
+        return attr
+
+    def _attr_uncached(self, path: str, loc: Loc) -> Attr:
         st = loc.host.lstat(loc.rel)
         ino = self._ino(path, loc, st)
         nlink = None
