@@ -75,3 +75,31 @@ def test_discard_refuses_parent_and_needs_yes(proj: tuple[Path, Path, dict[str, 
     cli(store, env, "branch", "discard", "p", "--yes", "--force")
     rows = json.loads(cli(store, env, "branch", "list", "--json"))
     assert [(r["name"], r["parent"]) for r in rows] == [("c", None)]
+
+
+def test_discarded_branch_restores(proj: tuple[Path, Path, dict[str, str]]) -> None:
+    _base, store, env = proj
+    from agentfs.branches.store import Store
+    from agentfs.mount.view import open_branch_view
+
+    cli(store, env, "branch", "create", "keep")
+    s = Store(store)
+    ov = open_branch_view(s, "keep")
+    fh, _ = ov.create("work.txt", 1, 0o644, 0, 0)
+    ov.write(fh, 0, b"precious")
+    ov.release(fh)
+    ov.close()
+    cli(store, env, "branch", "discard", "keep", "--yes")
+    gone = json.loads(cli(store, env, "branch", "list", "--discarded", "--json"))
+    assert [g["name"] for g in gone] == ["keep"]
+    cli(store, env, "branch", "restore", str(gone[0]["id"]), "--as", "back")
+    ov = open_branch_view(s, "back")
+    try:
+        fh = ov.open("work.txt", 0)
+        assert ov.read(fh, 0, 100) == b"precious"
+        ov.release(fh)
+    finally:
+        ov.close()
+    assert cli(store, env, "branch", "diff", "back", "--name-status") == "A\twork.txt\n"
+    assert json.loads(cli(store, env, "branch", "list", "--discarded", "--json")) == []
+    assert "no discarded branch" in cli(store, env, "branch", "restore", "nope", check=False)

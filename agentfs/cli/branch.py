@@ -27,9 +27,21 @@ def create(ctx: typer.Context, name: str,
 
 
 @app.command("list")
-def list_(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
+def list_(ctx: typer.Context, as_json: bool = typer.Option(False, "--json"),
+          discarded: bool = typer.Option(False, "--discarded",
+                                         help="list discarded branches in the trash"),
+          ) -> None:
     """List branches."""
     s = open_store(ctx)
+    if discarded:
+        from agentfs.workflow.discard import discarded_branches
+
+        gone = discarded_branches(s)
+        if as_json:
+            print_json(gone)
+        for d in [] if as_json else gone:
+            typer.echo(f"{d['id']}\t{d['name']}\tdiscarded {d['discarded']}")
+        return
     mounts = s.mounts()
     rows: list[dict[str, Any]] = [
         {"name": b.name, "parent": b.parent, "created": b.created, "state": b.state,
@@ -179,3 +191,15 @@ def show(ctx: typer.Context, name: str,
         elif isinstance(value, list):
             value = ", ".join(map(str, value)) or "-"
         typer.echo(f"{key:11} {value}")
+
+
+@app.command("restore")
+def restore(ctx: typer.Context, trash_id: str = typer.Argument(..., help="from `branch list "
+                                                                 "--discarded`"),
+            as_name: str | None = typer.Option(None, "--as", help="restore under this name"),
+            ) -> None:
+    """Bring a discarded branch back from the store's trash."""
+    from agentfs.workflow.discard import restore_branch
+
+    name = restore_branch(open_store(ctx), trash_id, as_name)
+    typer.echo(f"restored branch {name}")

@@ -66,3 +66,59 @@ def discard_branch(store: Store, name: str, *, purge: bool = False,
         else:
             src.rename(trash / "layers" / str(lid))
     return trash
+
+
+def discarded_branches(store: Store) -> list[dict[str, object]]:
+    """Branches in the trash that can be restored, newest first."""
+    out = []
+    for manifest in sorted((store.root / "trash").glob("branch-*/manifest.json"), reverse=True):
+        data = json.loads(manifest.read_text())
+        data["id"] = manifest.parent.name
+        out.append(data)
+    return out
+
+
+def restore_branch(store: Store, trash_id: str, new_name: str | None = None) -> str:
+    """Bring a discarded branch back from the trash (under its old name or *new_name*)."""
+    from agentfs.branches.store import validate_branch_name
+
+    folder = store.root / "trash" / trash_id
+    manifest = folder / "manifest.json"
+    if "/" in trash_id or not manifest.is_file():
+        raise UserError(f"no discarded branch {trash_id!r} in the trash "
+                        "(see `agentfs branch list --discarded`)")
+    data = json.loads(manifest.read_text())
+    name = new_name or str(data["name"])
+    validate_branch_name(name)
+    own: list[int] = [int(x) for x in data["layers"]]
+    stack: list[int] = [int(x) for x in data["layer_stack"]]
+    with store.session() as s:
+        if s.scalar(select(BranchRow).where(BranchRow.name == name)) is not None:
+            raise UserError(f"branch {name!r} exists; restore it under another name with --as")
+        below = stack[len(own)] if len(stack) > len(own) else None
+        if below is not None and s.get(LayerRow, below) is None:
+            raise UserError(f"the layer branch {name!r} was forked on is gone; cannot restore")
+        parent_row = None
+        if data.get("parent"):
+            parent_row = s.scalar(select(BranchRow).where(BranchRow.name == data["parent"]))
+        now = datetime.now(UTC).replace(tzinfo=None)
+        parent_id = below
+        moves = []
+        for old_id in reversed(own):  # bottom first, so each new layer points at the last
+            layer = LayerRow(parent_id=parent_id, frozen=old_id != own[0], created=now)
+            s.add(layer)
+            s.flush()
+            moves.append((old_id, layer.id))
+            parent_id = layer.id
+        assert parent_id is not None
+        s.add(BranchRow(name=name, parent_branch_id=parent_row.id if parent_row else None,
+                        top_layer_id=parent_id,
+                        fork_layer_id=below if parent_row is not None else None, created=now))
+    for old_id, new_id in moves:
+        src = folder / "layers" / str(old_id)
+        if src.exists():
+            src.rename(store.layer_dir(new_id))
+        else:
+            store.layer_dir(new_id).mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder)
+    return name
