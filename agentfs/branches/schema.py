@@ -62,7 +62,8 @@ class MountRow(Base):
     __tablename__ = "mounts"
     __table_args__ = (UniqueConstraint("mountpoint"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    branch_id: Mapped[int] = mapped_column(ForeignKey("branches.id"))
+    # NULL: a per-process mount without a default branch
+    branch_id: Mapped[int | None] = mapped_column(ForeignKey("branches.id"))
     mountpoint: Mapped[str] = mapped_column(String)
     pid: Mapped[int]
     mode: Mapped[str] = mapped_column(String, default="pinned")

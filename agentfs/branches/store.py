@@ -258,14 +258,15 @@ class Store:
                           base_layers=snapshots)
 
     # -- mounts ---------------------------------------------------------------
-    def add_mount(self, branch: str, mountpoint: str, pid: int, mode: str,
+    def add_mount(self, branch: str | None, mountpoint: str, pid: int, mode: str,
                   log_path: str) -> None:
         with self.session() as s:
-            row = self._branch_row(s, branch)
+            row = self._branch_row(s, branch) if branch is not None else None
             for old in s.scalars(select(MountRow).where(MountRow.mountpoint == mountpoint)):
                 s.delete(old)
             s.flush()
-            s.add(MountRow(branch_id=row.id, mountpoint=mountpoint, pid=pid, mode=mode,
+            s.add(MountRow(branch_id=row.id if row else None, mountpoint=mountpoint, pid=pid,
+                           mode=mode,
                            started=_now(), log_path=log_path))
 
     def remove_mount(self, mountpoint: str) -> None:
@@ -280,8 +281,8 @@ class Store:
         with Session(self.engine) as s:
             for row in s.scalars(select(MountRow).order_by(MountRow.id)):
                 if _pid_alive(row.pid) and row.mountpoint in mounted:
-                    b = s.get(BranchRow, row.branch_id)
-                    out.append(MountInfo(row.mountpoint, b.name if b else "?", row.pid,
+                    b = s.get(BranchRow, row.branch_id) if row.branch_id else None
+                    out.append(MountInfo(row.mountpoint, b.name if b else "", row.pid,
                                          row.mode, row.started, row.log_path))
                 else:
                     stale.append(row.mountpoint)

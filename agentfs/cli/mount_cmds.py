@@ -15,19 +15,28 @@ from agentfs.mount import lifecycle
 
 
 def mount(ctx: typer.Context, mountpoint: Path,
-          branch: str = typer.Option(..., "--branch", "-b", help="the branch to show"),
+          branch: str | None = typer.Option(None, "--branch", "-b",
+                                            help="show this branch (a pinned, cached mount)"),
+          per_process: bool = typer.Option(False, "--per-process",
+                                           help="each process sees the branch it is bound to"),
+          default_branch: str | None = typer.Option(None, "--default-branch",
+                                                    help="per-process: for unbound callers"),
+          deny_unbound: bool = typer.Option(False, "--deny-unbound",
+                                            help="per-process: EACCES for unbound callers"),
           foreground: bool = typer.Option(False, "--foreground", "-f",
                                           help="serve in this process until unmounted"),
           debug: bool = typer.Option(False, "--debug", help="log every FUSE request")) -> None:
-    """Mount BRANCH at MOUNTPOINT; returns once the mount is ready."""
+    """Mount a branch (or per-process views) at MOUNTPOINT; returns once it is ready."""
     store = open_store(ctx)
+    what = f"branch {branch}" if branch else "per-process views"
     if not foreground:
-        pid = lifecycle.start_mount(store, branch, mountpoint, debug)
-        typer.echo(f"mounted branch {branch} at {mountpoint.resolve()} (daemon pid {pid})")
+        pid = lifecycle.start_mount(store, branch, mountpoint, debug, per_process,
+                                    default_branch, deny_unbound)
+        typer.echo(f"mounted {what} at {mountpoint.resolve()} (daemon pid {pid})")
         return
     from agentfs.mount import daemon
 
-    store.branch(branch)
+    lifecycle.check_mode(store, branch, per_process, default_branch, deny_unbound)
     lifecycle.check_fuse()
     path = lifecycle.check_mountpoint(mountpoint)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
@@ -38,9 +47,12 @@ def mount(ctx: typer.Context, mountpoint: Path,
         if error:
             failure.append(error)
         else:
-            print(f"mounted branch {branch} at {path}; Ctrl-C to unmount", file=sys.stderr)
+            print(f"mounted {what} at {path}; Ctrl-C to unmount", file=sys.stderr)
 
-    code = daemon.serve(store.root, branch, path, debug, ready)
+    config = daemon.MountConfig(store_root=store.root, mountpoint=path, branch=branch,
+                                per_process=per_process, default_branch=default_branch,
+                                deny_unbound=deny_unbound, debug=debug)
+    code = daemon.serve(config, ready)
     if failure:
         raise UserError(failure[0])
     raise typer.Exit(code)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -24,11 +26,13 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) ->
     """Show the store, its branches and live mounts."""
     s = open_store(ctx)
     branches, mounts = s.branches(), s.mounts()
+    sessions = {m.mountpoint: _sessions(s, m.pid) for m in mounts if m.mode == "per-process"}
     if as_json:
         print_json({"store": str(s.root), "base": str(s.base),
                     "branches": [{"name": b.name, "parent": b.parent, "created": b.created,
                                   "layers": list(b.layer_stack)} for b in branches],
-                    "mounts": mounts})
+                    "mounts": [{**asdict(m), "sessions": sessions.get(m.mountpoint, [])}
+                               for m in mounts]})
         return
     console = Console()
     console.print(f"store: {s.root}\nbase:  {s.base}")
@@ -37,3 +41,18 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) ->
         at = ", ".join(m.mountpoint for m in mounts if m.branch == b.name)
         table.add_row(b.name, b.parent or "(base)", f"{b.created:%Y-%m-%d %H:%M:%S}", at or "-")
     console.print(table)
+    for mountpoint, rows in sessions.items():
+        console.print(f"sessions on {mountpoint}:" + ("" if rows else " none"))
+        for r in rows:
+            console.print(f"  pid {r['pid']}  {r['branch']}  {r['command']}")
+
+
+def _sessions(store: Store, pid: int) -> list[dict[str, Any]]:
+    from agentfs.mount import control
+
+    try:
+        reply = control.request(control.socket_path(store.root, pid), {"op": "sessions"},
+                                timeout=5)
+    except OSError:
+        return []
+    return list(reply.get("sessions", []))

@@ -1,7 +1,9 @@
 """The daemon's control socket: a unix socket in the store, JSON lines.
 
-Requests: {"op": "ping"} and {"op": "fork", "layer_id": N, "layer_dir": PATH} (push a
-fresh top layer under the running view, for a fork of a mounted branch).  Only the
+Requests: {"op": "ping"}; {"op": "fork", "layer_id": N, "layer_dir": PATH} (push a
+fresh top layer under the running view, for a fork of a mounted branch); in
+per-process mounts {"op": "bind", "pid": P, "branch": B}, {"op": "unbind", "pid": P}
+and {"op": "sessions"}.  A process inside a session may not bind or unbind anything.  Only the
 daemon's own user (or root) may connect: the peer is checked with SO_PEERCRED and
 the socket is mode 0600.
 """
@@ -27,14 +29,19 @@ def socket_path(store_root: Path, pid: int) -> Path:
     return store_root / "run" / f"ctl-{pid}.sock"
 
 
-def peer_uid(sock: socket.socket) -> int:
+def peer_creds(sock: socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end, from the kernel (SO_PEERCRED)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
-async def serve(path: Path, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    """Answer requests until cancelled; *handle* runs on the trio thread (no locking)."""
+Handler = Callable[[dict[str, Any], int], dict[str, Any]]
+
+
+async def serve(path: Path, handle: Handler) -> None:
+    """Answer requests until cancelled; *handle(request, peer_pid)* runs on the trio
+    thread (no locking)."""
     if path.exists():
         path.unlink()
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -55,9 +62,8 @@ async def serve(path: Path, handle: Callable[[dict[str, Any]], dict[str, Any]]) 
             path.unlink()
 
 
-async def _one(conn: trio.socket.SocketType,
-               handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
-    uid = peer_uid(conn._sock)  # type: ignore[attr-defined]
+async def _one(conn: trio.socket.SocketType, handle: Handler) -> None:
+    pid, uid = peer_creds(conn._sock)  # type: ignore[attr-defined]
     if uid not in (0, os.getuid()):
         await conn.send(b'{"ok": false, "error": "permission denied"}\n')
         return
@@ -68,7 +74,7 @@ async def _one(conn: trio.socket.SocketType,
             break
         buf += chunk
     try:
-        reply = handle(json.loads(buf.decode()))
+        reply = handle(json.loads(buf.decode()), pid)
     except Exception as exc:
         log.exception("control request failed")
         reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}

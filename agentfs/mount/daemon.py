@@ -14,6 +14,7 @@ import resource
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ from agentfs.branches.store import Store
 from agentfs.errors import UserError
 from agentfs.mount import control
 from agentfs.mount.fuse3_ops import AgentfsOperations
+from agentfs.mount.perprocess import PerProcessOperations
+from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
-from agentfs.overlay.engine import Overlay
 from agentfs.overlay.layers import Layer
 
 log = logging.getLogger(__name__)
@@ -41,59 +43,128 @@ def fuse_options(debug: bool) -> set[str]:
     return options
 
 
-def control_handler(overlay: Overlay) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    def handle(req: dict[str, Any]) -> dict[str, Any]:
-        if req.get("op") == "ping":
+@dataclass
+class MountConfig:
+    """What `agentfs mount` asked for."""
+
+    store_root: Path
+    mountpoint: str
+    branch: str | None = None          # pinned mode
+    per_process: bool = False
+    default_branch: str | None = None  # per-process: for unbound callers
+    deny_unbound: bool = False
+    debug: bool = False
+    log_path: str = ""
+
+
+class Daemon:
+    """One mount: the FUSE operations, the control socket and (per-process) sessions."""
+
+    def __init__(self, config: MountConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.sessions = SessionTable()
+        self.ops: AgentfsOperations | PerProcessOperations
+        if config.per_process:
+            for name in filter(None, [config.default_branch]):
+                store.branch(name)
+            self.ops = PerProcessOperations(store, self.sessions, config.default_branch,
+                                            config.deny_unbound)
+        else:
+            assert config.branch is not None
+            self.ops = AgentfsOperations(open_branch_view(store, config.branch))
+
+    def handle(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
+        """A control request (the socket already checked the peer's uid)."""
+        op = req.get("op")
+        if op == "ping":
             return {"ok": True, "pid": os.getpid()}
-        if req.get("op") == "fork":
-            overlay.push_top(Layer.open_store_layer(int(req["layer_id"]), str(req["layer_dir"])))
+        if op == "fork" and isinstance(self.ops, AgentfsOperations):
+            layer = Layer.open_store_layer(int(req["layer_id"]), str(req["layer_dir"]))
+            self.ops.ov.push_top(layer)
             log.info("forked: new top layer %s", req["layer_id"])
             return {"ok": True}
-        return {"ok": False, "error": f"unknown request {req.get('op')!r}"}
-    return handle
+        if op == "sessions":
+            return {"ok": True, "sessions": [
+                {"pid": s.pid, "branch": s.branch, "command": s.command,
+                 "started": s.created, "members": len(s.members)}
+                for s in self.sessions.sessions.values()]}
+        if op in ("bind", "unbind"):
+            if not isinstance(self.ops, PerProcessOperations):
+                return {"ok": False, "error": "this mount is pinned to one branch"}
+            if self.sessions.session_of(peer_pid) is not None:
+                log.warning("refused %s from pid %s inside a session", op, peer_pid)
+                return {"ok": False, "error": "permission denied: the caller is inside a session"}
+            pid = int(req["pid"])
+            if op == "unbind":
+                return {"ok": self.sessions.unbind(pid)}
+            branch = str(req["branch"])
+            self.store.branch(branch)
+            self.ops.view(branch)
+            session = self.sessions.bind(pid, branch)
+            log.info("bound pid %s (%s) to branch %s", pid, session.command, branch)
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
+                                               signal.SIGHUP) as sigs:
+                    async for _ in sigs:
+                        pyfuse3.terminate()
+                        return
+
+            async def end_sessions() -> None:
+                while True:
+                    await trio.sleep(1.0)
+                    for gone in self.sessions.prune():
+                        log.info("session of pid %s (%s) ended", gone.pid, gone.branch)
+
+            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(end_sessions)
+            nursery.start_soon(control.serve,
+                               control.socket_path(self.config.store_root, os.getpid()),
+                               self.handle)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            nursery.cancel_scope.cancel()
+
+    def close(self) -> None:
+        if isinstance(self.ops, PerProcessOperations):
+            self.ops.close()
+        else:
+            self.ops.ov.close()
 
 
-async def _serve(control_path: Path, overlay: Overlay) -> None:
-    async with trio.open_nursery() as nursery:
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                async for _ in sigs:
-                    pyfuse3.terminate()
-                    return
-        nursery.start_soon(stop_on_signal)
-        nursery.start_soon(control.serve, control_path, control_handler(overlay))
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
-        nursery.cancel_scope.cancel()
-
-
-def serve(store_root: Path, branch: str, mountpoint: str, debug: bool,
-          ready: Callable[[str | None], None], log_path: str = "") -> int:
+def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     """Mount and serve; *ready* is called with None once mounted, or with the reason."""
     try:
-        store = Store(store_root)
-        overlay = open_branch_view(store, branch)
+        store = Store(config.store_root)
+        daemon = Daemon(config, store)
     except UserError as exc:
         ready(str(exc))
         return 1
     _raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel
-    ops = AgentfsOperations(overlay)
     try:
-        pyfuse3.init(ops, mountpoint, fuse_options(debug))
+        pyfuse3.init(daemon.ops, config.mountpoint, fuse_options(config.debug))
     except RuntimeError as exc:
-        ready(f"could not mount {mountpoint}: {exc}")
+        ready(f"could not mount {config.mountpoint}: {exc}")
         return 1
+    mode = "per-process" if config.per_process else "pinned"
     try:
-        store.add_mount(branch, mountpoint, os.getpid(), "pinned", log_path)
+        store.add_mount(config.branch or config.default_branch, config.mountpoint,
+                        os.getpid(), mode, config.log_path)
         ready(None)
-        log.info("serving branch %s at %s", branch, mountpoint)
-        trio.run(_serve, control.socket_path(store_root, os.getpid()), overlay)
+        log.info("serving %s at %s (%s)", config.branch or "per-process views",
+                 config.mountpoint, mode)
+        trio.run(daemon.run)
     finally:
         pyfuse3.close(unmount=True)
-        overlay.close()
-        store.remove_mount(mountpoint)
+        daemon.close()
+        store.remove_mount(config.mountpoint)
         store.close()
-        log.info("unmounted %s", mountpoint)
+        log.info("unmounted %s", config.mountpoint)
     return 0
 
 
@@ -106,8 +177,11 @@ def _raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agentfs-daemon")
     parser.add_argument("--store", required=True)
-    parser.add_argument("--branch", required=True)
+    parser.add_argument("--branch")
     parser.add_argument("--mountpoint", required=True)
+    parser.add_argument("--per-process", action="store_true")
+    parser.add_argument("--default-branch")
+    parser.add_argument("--deny-unbound", action="store_true")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--ready-fd", type=int, default=-1)
     parser.add_argument("--log-path", default="")
@@ -123,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         os.write(args.ready_fd, ("OK\n" if error is None else f"ERR {error}\n").encode())
         os.close(args.ready_fd)
 
-    return serve(Path(args.store), args.branch, args.mountpoint, args.debug, ready,
-                 args.log_path)
+    config = MountConfig(store_root=Path(args.store), mountpoint=args.mountpoint,
+                         branch=args.branch, per_process=args.per_process,
+                         default_branch=args.default_branch, deny_unbound=args.deny_unbound,
+                         debug=args.debug, log_path=args.log_path)
+    return serve(config, ready)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from agentfs.errors import FsError
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.hostio import join
+from agentfs.overlay.inodes import ROOT_INO
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +52,41 @@ def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
     return wrapper
 
 
+class InodeSpace:
+    """How this view's inode numbers appear to the kernel (pinned mode: as they are)."""
+
+    def export(self, local: int) -> int:
+        return local
+
+    def local(self, exported: int) -> int:
+        return exported
+
+
 class AgentfsOperations(pyfuse3.Operations):
-    """FUSE operations for one overlay view."""
+    """FUSE operations for one overlay view.
+
+    *shared_root*: the root directory is shared with other branches' views (per-process
+    mode), so the root's attributes and the names directly under it must not be cached
+    by the kernel; everything below belongs to this branch alone and is cached."""
 
     enable_writeback_cache = True
 
-    def __init__(self, overlay: Overlay, cache_timeout: float = CACHE_TIMEOUT) -> None:
+    def __init__(self, overlay: Overlay, cache_timeout: float = CACHE_TIMEOUT,
+                 space: InodeSpace | None = None, shared_root: bool = False) -> None:
         super().__init__()
         self.ov = overlay
         self.timeout = cache_timeout
+        self.space = space or InodeSpace()
+        self.shared_root = shared_root
         self._dirs: dict[int, tuple[str, list[str]]] = {}
         self._xattr_names: dict[int, frozenset[bytes]] = {}
         self._next_dir = 1
 
     # -- helpers ---------------------------------------------------------
-    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _entry(self, attr: Attr, parent: int | None = None) -> pyfuse3.EntryAttributes:
+        """*parent*: the local inode of the directory the entry was found in."""
         e = pyfuse3.EntryAttributes()
-        e.st_ino = attr.ino
+        e.st_ino = self.space.export(attr.ino)
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid
@@ -81,49 +100,58 @@ class AgentfsOperations(pyfuse3.Operations):
         e.st_ctime_ns = attr.ctime_ns
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout
+        if self.shared_root and (attr.ino == ROOT_INO or parent == ROOT_INO):
+            e.entry_timeout = 0  # the name under the shared root means another branch
+            if attr.ino == ROOT_INO:
+                e.attr_timeout = 0  # for another caller
         return e
 
     def _path(self, inode: int, name: bytes | None = None) -> str:
-        base = self.ov.inodes.path(inode)
+        base = self.ov.inodes.path(self.space.local(inode))
         return base if name is None else join(base, os.fsdecode(name))
 
-    def _new(self, path: str, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _new(self, path: str, attr: Attr, parent: int | None = None
+             ) -> pyfuse3.EntryAttributes:
         self.ov.inodes.remember(attr.ino, path)
-        return self._entry(attr)
+        return self._entry(attr, parent)
 
     # -- namespace -------------------------------------------------------
     @_boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        local_parent = self.space.local(parent_inode)
         if name == b".":
-            return self._entry(self.ov.getattr_ino(parent_inode))
+            return self._entry(self.ov.getattr_ino(local_parent))
         path = self._path(parent_inode, name)
         if name == b"..":
             parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
             return self._new(parent, self.ov.getattr(parent))
         try:
-            return self._entry(self.ov.lookup(path))
+            return self._entry(self.ov.lookup(path), local_parent)
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
             neg = pyfuse3.EntryAttributes()
             neg.st_ino = 0
-            neg.entry_timeout = self.timeout
+            neg.entry_timeout = 0 if self.shared_root and local_parent == ROOT_INO \
+                else self.timeout
             return neg
 
     @_boundary
     async def forget(self, inode_list: Any) -> None:
         for ino, count in inode_list:
-            self.ov.forget(ino, count)
-            if not self.ov.inodes.referenced(ino):
+            local = self.space.local(ino)
+            self.ov.forget(local, count)
+            if not self.ov.inodes.referenced(local):
                 self._xattr_names.pop(ino, None)
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        return self._entry(self.ov.getattr_ino(inode))
+        return self._entry(self.ov.getattr_ino(self.space.local(inode)))
 
     @_boundary
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
-        path = self.ov.inodes.path(inode) if self.ov.inodes.has_path(inode) else None
+        local = self.space.local(inode)
+        path = self.ov.inodes.path(local) if self.ov.inodes.has_path(local) else None
         result = self.ov.setattr(
             path,
             mode=attr.st_mode if fields.update_mode else None,
@@ -132,7 +160,7 @@ class AgentfsOperations(pyfuse3.Operations):
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            fh=fh, ino=inode)
+            fh=fh, ino=local)
         return self._entry(result)
 
     @_boundary
@@ -142,22 +170,26 @@ class AgentfsOperations(pyfuse3.Operations):
     @_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         path = self._path(parent_inode, name)
-        return self._new(path, self.ov.mknod(path, mode, rdev, ctx.uid, ctx.gid))
+        return self._new(path, self.ov.mknod(path, mode, rdev, ctx.uid, ctx.gid),
+                         self.space.local(parent_inode))
 
     @_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         path = self._path(parent_inode, name)
-        return self._new(path, self.ov.mkdir(path, mode, ctx.uid, ctx.gid))
+        return self._new(path, self.ov.mkdir(path, mode, ctx.uid, ctx.gid),
+                         self.space.local(parent_inode))
 
     @_boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         path = self._path(parent_inode, name)
-        return self._new(path, self.ov.symlink(path, os.fsdecode(target), ctx.uid, ctx.gid))
+        return self._new(path, self.ov.symlink(path, os.fsdecode(target), ctx.uid, ctx.gid),
+                         self.space.local(parent_inode))
 
     @_boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         dst = self._path(new_parent_inode, new_name)
-        return self._new(dst, self.ov.link(self._path(inode), dst))
+        return self._new(dst, self.ov.link(self._path(inode), dst),
+                         self.space.local(new_parent_inode))
 
     @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -184,7 +216,8 @@ class AgentfsOperations(pyfuse3.Operations):
                      ctx: Any) -> Any:
         path = self._path(parent_inode, name)
         fh, attr = self.ov.create(path, flags, mode, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new(path, attr)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new(
+            path, attr, self.space.local(parent_inode))
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -228,7 +261,8 @@ class AgentfsOperations(pyfuse3.Operations):
                 attr = self.ov.getattr(child)
             except FsError:
                 continue  # removed since the snapshot
-            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._entry(attr), i + 1):
+            entry = self._entry(attr, ROOT_INO if not path else None)
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), entry, i + 1):
                 break
             self.ov.inodes.remember(attr.ino, child)
 

@@ -47,18 +47,45 @@ def check_mountpoint(mountpoint: Path) -> str:
     return path
 
 
-def start_mount(store: Store, branch: str, mountpoint: Path, debug: bool = False) -> int:
+def daemon_args(branch: str | None, per_process: bool, default_branch: str | None,
+                deny_unbound: bool, debug: bool) -> list[str]:
+    args = ["--branch", branch] if branch else []
+    if per_process:
+        args.append("--per-process")
+    if default_branch:
+        args += ["--default-branch", default_branch]
+    if deny_unbound:
+        args.append("--deny-unbound")
+    if debug:
+        args.append("--debug")
+    return args
+
+
+def check_mode(store: Store, branch: str | None, per_process: bool,
+               default_branch: str | None, deny_unbound: bool) -> None:
+    """The mode options make sense together, and the branches they name exist."""
+    if per_process == (branch is not None):
+        raise UserError("give either --branch NAME (one branch) or --per-process")
+    if not per_process and (default_branch or deny_unbound):
+        raise UserError("--default-branch and --deny-unbound need --per-process")
+    if default_branch and deny_unbound:
+        raise UserError("--default-branch and --deny-unbound exclude each other")
+    for name in filter(None, [branch, default_branch]):
+        store.branch(name)  # unknown branch -> UserError before anything starts
+
+
+def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool = False,
+                per_process: bool = False, default_branch: str | None = None,
+                deny_unbound: bool = False) -> int:
     """Start a background daemon and return its pid once the mount is ready."""
-    store.branch(branch)  # unknown branch -> UserError before anything starts
+    check_mode(store, branch, per_process, default_branch, deny_unbound)
     check_fuse()
     path = check_mountpoint(mountpoint)
     log_path = store.root / "run" / f"mount-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.log"
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "agentfs.mount.daemon", "--store", str(store.root),
-           "--branch", branch, "--mountpoint", path, "--ready-fd", str(w),
-           "--log-path", str(log_path)]
-    if debug:
-        cmd.append("--debug")
+           "--mountpoint", path, "--ready-fd", str(w), "--log-path", str(log_path),
+           *daemon_args(branch, per_process, default_branch, deny_unbound, debug)]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, pass_fds=(w,),

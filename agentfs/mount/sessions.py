@@ -1,0 +1,132 @@
+"""Who is calling: FUSE request pid -> thread group -> nearest bound ancestor -> branch.
+
+A session binds a process (and everything it starts) to a branch.  Sessions are keyed
+by (pid, process start time), so a recycled pid never inherits a stale binding.
+Ancestors are found through /proc/<pid>/stat (parsed after the last ')', since the
+command name may contain anything).  A process found to belong to a session is
+remembered as a member, so it keeps its branch after being re-parented (double fork,
+setsid).  Results are cached per pid and checked against the start time on each use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2:].decode(errors="replace").split()
+
+
+def start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None  # field 22: starttime
+
+
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields and len(fields) > 1 else None  # field 4: ppid
+
+
+def thread_group(pid: int) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    return pid
+
+
+def command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@dataclass
+class Session:
+    pid: int
+    start: int
+    branch: str
+    command: str
+    created: float = field(default_factory=time.time)
+    members: set[tuple[int, int]] = field(default_factory=set)
+
+
+class SessionTable:
+    def __init__(self) -> None:
+        self.sessions: dict[tuple[int, int], Session] = {}
+        self._members: dict[tuple[int, int], Session] = {}
+        self._cache: dict[int, tuple[int | None, Session | None]] = {}
+
+    def bind(self, pid: int, branch: str) -> Session:
+        pid = thread_group(pid)
+        start = start_time(pid)
+        if start is None:
+            raise ValueError(f"no process {pid}")
+        self.unbind(pid)
+        session = Session(pid, start, branch, command_line(pid))
+        self.sessions[(pid, start)] = session
+        self._cache.clear()
+        return session
+
+    def unbind(self, pid: int) -> bool:
+        start = start_time(pid)
+        session = self.sessions.pop((pid, start), None) if start is not None else None
+        if session is not None:
+            for key in session.members:
+                self._members.pop(key, None)
+        self._cache.clear()
+        return session is not None
+
+    def session_of(self, pid: int) -> Session | None:
+        """The session the calling process belongs to (None: unbound)."""
+        if pid <= 0:
+            return None
+        tgid = thread_group(pid)
+        start = start_time(tgid)
+        hit = self._cache.get(tgid)
+        if hit is not None and hit[0] == start:
+            return hit[1]
+        found = None
+        cur: int | None = tgid
+        seen = 0
+        while cur is not None and cur > 1 and seen < 4096:
+            cur_start = start_time(cur)
+            if cur_start is None:
+                break
+            key = (cur, cur_start)
+            found = self.sessions.get(key) or self._members.get(key)
+            if found is not None:
+                break
+            cur = parent_pid(cur)
+            seen += 1
+        if found is not None and start is not None and (tgid, start) not in self.sessions:
+            found.members.add((tgid, start))
+            self._members[(tgid, start)] = found
+        self._cache[tgid] = (start, found)
+        return found
+
+    def prune(self) -> list[Session]:
+        """End sessions whose root and every known member are gone."""
+        def alive(key: tuple[int, int]) -> bool:
+            return start_time(key[0]) == key[1]
+        ended = []
+        for key, session in list(self.sessions.items()):
+            live_members = {m for m in session.members if alive(m)}
+            for gone in session.members - live_members:
+                self._members.pop(gone, None)
+            session.members = live_members
+            if not alive(key) and not live_members:
+                del self.sessions[key]
+                ended.append(session)
+        if ended:
+            self._cache.clear()
+        return ended
