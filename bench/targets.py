@@ -318,6 +318,24 @@ class AgentfsTarget(Target):
             )
 
 
+class AgentfsPerProcessTarget(AgentfsTarget):
+    """agentfs in per-process mode: the benchmark process is unbound and gets the
+    default branch, so it pays exactly what per-process resolution and the uncached
+    shared root cost compared with the pinned mount."""
+
+    name = "agentfs-pp"
+    description = "agentfs per-process mount (default branch)"
+
+    def _mount(self, setup: Setup) -> Path:
+        self._cli("init", setup.lower, "--store", setup.store, setup=setup)
+        self._cli("branch", "create", self.branch, "--store", setup.store, setup=setup)
+        self._cli("mount", setup.mnt, "--per-process", "--default-branch", self.branch,
+                  "--store", setup.store, setup=setup)
+        if not wait_for_mount(setup.mnt, timeout=10):
+            raise CommandError("agentfs mount returned but nothing is mounted")
+        return setup.mnt
+
+
 def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
     """Targets in report order: baseline first, the system under test last."""
     return [
@@ -326,4 +344,5 @@ def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
         FuseOverlayfsTarget(),
         UnionfsFuseTarget(),
         AgentfsTarget(agentfs_executable),
+        AgentfsPerProcessTarget(agentfs_executable),
     ]

@@ -186,6 +186,7 @@ print(r.returncode, r.stderr.strip())
 
 def test_session_key_includes_start_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """A recycled pid (same number, other start time) never inherits a binding."""
+    monkeypatch.setattr(sessions_mod, "FRESH", 0.0)  # no time-boxed trust: check every call
     table = sessions_mod.SessionTable()
     me = os.getpid()
     table.bind(me, "b")

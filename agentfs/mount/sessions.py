@@ -13,6 +13,9 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Final
+
+FRESH: Final = 0.5  # seconds an answer is trusted without looking at /proc again
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -65,6 +68,7 @@ class SessionTable:
         self.sessions: dict[tuple[int, int], Session] = {}
         self._members: dict[tuple[int, int], Session] = {}
         self._cache: dict[int, tuple[int | None, Session | None]] = {}
+        self._fresh: dict[int, tuple[float, Session | None]] = {}
 
     def bind(self, pid: int, branch: str) -> Session:
         pid = thread_group(pid)
@@ -74,7 +78,7 @@ class SessionTable:
         self.unbind(pid)
         session = Session(pid, start, branch, command_line(pid))
         self.sessions[(pid, start)] = session
-        self._cache.clear()
+        self._forget_answers()
         return session
 
     def unbind(self, pid: int) -> bool:
@@ -83,17 +87,26 @@ class SessionTable:
         if session is not None:
             for key in session.members:
                 self._members.pop(key, None)
-        self._cache.clear()
+        self._forget_answers()
         return session is not None
 
     def session_of(self, pid: int) -> Session | None:
-        """The session the calling process belongs to (None: unbound)."""
+        """The session the calling process belongs to (None: unbound).
+
+        The answer is cached per request pid; for FRESH seconds it is used as is (a pid
+        cannot be recycled that fast: the kernel would have to wrap around pid_max),
+        after that the process start time is checked again."""
         if pid <= 0:
             return None
+        now = time.monotonic()
+        fresh = self._fresh.get(pid)
+        if fresh is not None and now - fresh[0] < FRESH:
+            return fresh[1]
         tgid = thread_group(pid)
         start = start_time(tgid)
         hit = self._cache.get(tgid)
         if hit is not None and hit[0] == start:
+            self._fresh[pid] = (now, hit[1])
             return hit[1]
         found = None
         cur: int | None = tgid
@@ -112,6 +125,9 @@ class SessionTable:
             found.members.add((tgid, start))
             self._members[(tgid, start)] = found
         self._cache[tgid] = (start, found)
+        if len(self._fresh) > 10_000:
+            self._fresh.clear()
+        self._fresh[pid] = (now, found)
         return found
 
     def prune(self) -> list[Session]:
@@ -128,5 +144,9 @@ class SessionTable:
                 del self.sessions[key]
                 ended.append(session)
         if ended:
-            self._cache.clear()
+            self._forget_answers()
         return ended
+
+    def _forget_answers(self) -> None:
+        self._cache.clear()
+        self._fresh.clear()
