@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) ->
     for mountpoint, rows in sessions.items():
         console.print(f"sessions on {mountpoint}:" + ("" if rows else " none"))
         for r in rows:
-            console.print(f"  pid {r['pid']}  {r['branch']}  {r['command']}")
+            since = datetime.fromtimestamp(r["started"]).strftime("%Y-%m-%d %H:%M:%S")
+            console.print(f"  pid {r['pid']}  {r['branch']}  since {since}  {r['command']}")
 
 
 def _sessions(store: Store, pid: int) -> list[dict[str, Any]]:
