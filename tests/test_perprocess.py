@@ -196,3 +196,27 @@ def test_session_key_includes_start_time(monkeypatch: pytest.MonkeyPatch) -> Non
                         lambda pid: (real(pid) or 0) + 1 if pid == me else real(pid))
     assert table.session_of(me) is None
     assert table.prune() and not table.sessions
+
+
+def test_sessions_listed_then_cleaned_up(ppm: PerProcessMount) -> None:
+    import json
+    import time
+
+    ppm.mount("--default-branch", "a")
+    sleeper = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])
+    try:
+        ppm.cli("bind", "--pid", str(sleeper.pid), "--branch", "b")
+        mounts = json.loads(ppm.cli("status", "--json").stdout)["mounts"]
+        listed = mounts[0]["sessions"]
+        assert [(s["pid"], s["branch"]) for s in listed] == [(sleeper.pid, "b")]
+        assert "time.sleep(30)" in listed[0]["command"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        mounts = json.loads(ppm.cli("status", "--json").stdout)["mounts"]
+        if not mounts[0]["sessions"]:
+            break
+        time.sleep(0.3)
+    assert mounts[0]["sessions"] == []  # ended without a restart
