@@ -105,3 +105,26 @@ def test_sigkill_loses_nothing_fsynced(tmp_path: Path) -> None:
         mb.mount()
         assert (mb.mountpoint / "durable.bin").read_bytes() == payload
         assert (mb.mountpoint / "src" / "main.py").read_text() == "edited\n"
+
+
+def test_syncfs_after_unlinked_files(tmp_path: Path) -> None:
+    """The kernel writes back times of unlinked, closed files on syncfs: not an error."""
+    import ctypes
+
+    base = tmp_path / "base"
+    base.mkdir()
+    libc = ctypes.CDLL(None, use_errno=True)
+    with mounted_branch(base, tmp_path) as mb:
+        for i in range(50):
+            path = mb.mountpoint / f"tmp{i}"
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+            os.write(fd, b"x" * 5000)
+            os.unlink(path)
+            os.write(fd, b"y")
+            os.close(fd)
+        dfd = os.open(mb.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert libc.syncfs(dfd) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            os.close(dfd)
+        assert os.listdir(mb.mountpoint) == []

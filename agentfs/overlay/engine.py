@@ -682,6 +682,15 @@ class Overlay:
         if handle is None and ino is not None:
             handle = next((self.handles[f] for f in self._by_ino.get(ino, ())), None)
         if path is None or self.resolver.locate(path) is None:
+            if handle is None and ino is not None and ino in self._orphans:
+                # unlinked and closed, but the kernel still writes back its times (syncfs)
+                fd = self.work.open(self._orphans[ino],
+                                    os.O_RDWR if size is not None else os.O_RDONLY)
+                try:
+                    handle = Handle(ino=ino, fd=fd, flags=os.O_RDWR, on_top=True)
+                    return self._setattr_fd(handle, mode, uid, gid, size, atime_ns, mtime_ns)
+                finally:
+                    os.close(fd)
             if handle is None:
                 raise FsError(errno.ENOENT)
             return self._setattr_fd(handle, mode, uid, gid, size, atime_ns, mtime_ns)
