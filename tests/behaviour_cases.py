@@ -28,7 +28,13 @@ from collections.abc import Callable
 from typing import ClassVar
 
 import pytest
-from fsfacade import RENAME_EXCHANGE, RENAME_NOREPLACE, FsFacade, TrackingFacade
+from fsfacade import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    FsFacade,
+    TrackingFacade,
+    pread_all,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -88,26 +94,6 @@ def bdir(base: str, rel: str, mode: int = 0o755) -> str:
 def pattern(n: int, salt: int = 0) -> bytes:
     """Deterministic, non-repeating-looking content so misplaced bytes are caught."""
     return bytes((i * 7 + salt * 13 + (i >> 8)) & 0xFF for i in range(n))
-
-
-def pread_all(fs: FsFacade, h: int, size: int, offset: int) -> bytes:
-    """pread that tolerates short reads (a short read is legal, lost bytes are not)."""
-    out = bytearray()
-    while len(out) < size:
-        chunk = fs.pread(h, size - len(out), offset + len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def pwrite_all(fs: FsFacade, h: int, data: bytes, offset: int) -> None:
-    """pwrite that loops on short writes."""
-    done = 0
-    while done < len(data):
-        n = fs.pwrite(h, data[done:], offset + done)
-        assert n > 0, "pwrite returned 0"
-        done += n
 
 
 def user_xattrs(fs: FsFacade, path: str) -> list[str]:

@@ -415,3 +415,23 @@ class TrackingFacade(FacadeHelpers):
 
     def statvfs(self, path: str) -> os.statvfs_result:
         return self.inner.statvfs(path)
+
+
+def pread_all(fs: FsFacade, h: int, size: int, offset: int) -> bytes:
+    """pread that tolerates short reads (a short read is legal, lost bytes are not)."""
+    out = bytearray()
+    while len(out) < size:
+        chunk = fs.pread(h, size - len(out), offset + len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def pwrite_all(fs: FsFacade, h: int, data: bytes, offset: int) -> None:
+    """pwrite that loops on short writes."""
+    done = 0
+    while done < len(data):
+        n = fs.pwrite(h, data[done:], offset + done)
+        assert n > 0, "pwrite returned 0"
+        done += n

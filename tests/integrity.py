@@ -12,7 +12,7 @@ import contextlib
 import os
 import random
 
-from fsfacade import FsFacade
+from fsfacade import FsFacade, pread_all, pwrite_all
 
 PAGE = 4096
 MAX_OFFSET = 1 << 20
@@ -35,24 +35,6 @@ def populate_integrity_base(base_dir: str, base_paths: list[str], seed: int) -> 
         os.makedirs(os.path.dirname(p), exist_ok=True)
         with open(p, "wb") as f:
             f.write(integrity_base_content(rel, seed))
-
-
-def _pread_all(fs: FsFacade, h: int, size: int, offset: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = fs.pread(h, size - len(out), offset + len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
-
-
-def _pwrite_all(fs: FsFacade, h: int, data: bytes, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        n = fs.pwrite(h, data[done:], offset + done)
-        assert n > 0, "pwrite returned 0"
-        done += n
 
 
 def _first_diff(a: bytes, b: bytes) -> int:
@@ -93,7 +75,7 @@ def run_integrity_stress(fs: FsFacade, base_paths: list[str], seed: int, ops: in
                 handles[p].append((fs.open(p, os.O_RDWR), True))
             # Base content must read back exactly before anything was written.
             h = handles[p][0][0]
-            got = _pread_all(fs, h, len(model[p]) + 10, 0)
+            got = pread_all(fs, h, len(model[p]) + 10, 0)
             assert got == bytes(model[p]), f"{p}: initial content differs"
 
         for step in range(ops):
@@ -113,7 +95,7 @@ def run_integrity_stress(fs: FsFacade, base_paths: list[str], seed: int, ops: in
                 if rnd.random() < 0.3:
                     off -= off % PAGE  # page aligned
                 buf = rnd.randbytes(size)
-                _pwrite_all(fs, hw, buf, off)
+                pwrite_all(fs, hw, buf, off)
                 if off > len(data):
                     data.extend(bytes(off - len(data)))
                 data[off : off + size] = buf
@@ -129,7 +111,7 @@ def run_integrity_stress(fs: FsFacade, base_paths: list[str], seed: int, ops: in
                 span = max(len(data), 1)
                 off = rnd.randrange(span + PAGE)
                 size = rnd.choice([1, PAGE, rnd.randrange(1, 2 * MAX_WRITE)])
-                got = _pread_all(fs, h, size, off)
+                got = pread_all(fs, h, size, off)
                 want = bytes(data[off : off + size])
                 assert got == want, (
                     f"{where}: pread({size}, {off}) mismatch: got {len(got)} bytes, "
