@@ -1,0 +1,95 @@
+"""`agentfs policy check | lint | test | default`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+import yaml
+
+from agentfs.cli.common import print_json
+from agentfs.errors import UserError
+from agentfs.policy.engine import DEFAULT_POLICY, PolicyEngine, default_policy
+from agentfs.policy.lint import shadowed
+from agentfs.policy.loader import load_policy
+from agentfs.policy.model import OPS, Caller, Policy
+
+app = typer.Typer(help="Check, lint and test policy files.", no_args_is_help=True)
+
+
+def _load(file: str) -> Policy:
+    return default_policy() if file == "default" else load_policy(file)
+
+
+@app.command("check")
+def check(file: str = typer.Argument(..., help="a policy file, or 'default'"),
+          path: str = typer.Argument(..., help="a path inside the view"),
+          op: str = typer.Option(..., "--op", help="the operation, e.g. open_read"),
+          exe: str = typer.Option("", "--exe"), comm: str = typer.Option("", "--comm"),
+          uid: int = typer.Option(-1, "--uid"), branch: str = typer.Option("", "--branch"),
+          session: str = typer.Option("", "--session"),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Print the decision for OP on PATH and the rules tried."""
+    if op not in OPS:
+        raise UserError(f"unknown operation {op!r} (one of {', '.join(sorted(OPS))})")
+    policy = _load(file)
+    d = PolicyEngine(policy).explain(op, path, Caller(exe=exe, comm=comm, uid=uid,
+                                                       branch=branch, session=session))
+    if as_json:
+        print_json({"decision": d.decision, "rule": d.rule, "errno": d.errno,
+                    "message": d.message, "policy_sha256": d.policy_sha256,
+                    "trace": list(d.trace)})
+        return
+    for line in d.trace:
+        typer.echo(f"  {line}")
+    typer.echo(f"{d.decision}" + (f" (rule {d.rule})" if d.rule else " (defaults)")
+               + (f": {d.message}" if d.message else ""))
+
+
+@app.command("lint")
+def lint(file: str = typer.Argument(..., help="a policy file, or 'default'")) -> None:
+    """Load FILE strictly and report rules shadowed by earlier ones (exit 1 if any)."""
+    policy = _load(file)
+    found = shadowed(policy)
+    for rule, by in found:
+        typer.echo(f"{policy.source}:{rule.line}: rule {rule.id!r} never decides: "
+                   f"rule {by.id!r} (line {by.line}) always matches first")
+    if found:
+        raise typer.Exit(1)
+    typer.echo(f"{policy.source}: {len(policy.rules)} rules, ok (sha256 {policy.sha256[:12]})")
+
+
+@app.command("test")
+def test(file: str = typer.Argument(..., help="a policy file, or 'default'"),
+         cases: Path = typer.Argument(..., help="YAML list of {path, op, expect, who}")) -> None:
+    """Check a table of expected decisions; exit 1 on any mismatch."""
+    engine = PolicyEngine(_load(file))
+    try:
+        table = yaml.safe_load(cases.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{cases}: {exc}") from None
+    if not isinstance(table, list):
+        raise UserError(f"{cases}: expected a list of cases")
+    failures = 0
+    for i, case in enumerate(table, 1):
+        if not isinstance(case, dict) or not {"path", "op", "expect"} <= case.keys():
+            raise UserError(f"{cases}: case {i} needs path, op and expect")
+        who = case.get("who") or {}
+        caller = Caller(exe=str(who.get("exe", "")), comm=str(who.get("comm", "")),
+                        uid=int(who.get("uid", -1)), branch=str(who.get("branch", "")),
+                        session=str(who.get("session", "")))
+        got = engine.decide(str(case["op"]), str(case["path"]), caller)
+        if got.decision != case["expect"]:
+            failures += 1
+            typer.echo(f"FAIL case {i}: {case['op']} {case['path']}: expected "
+                       f"{case['expect']}, got {got.decision} (rule {got.rule})")
+    typer.echo(f"{len(table) - failures}/{len(table)} cases pass")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command("default")
+def show_default() -> None:
+    """Print the built-in default policy."""
+    sys.stdout.write(DEFAULT_POLICY)

@@ -1,0 +1,135 @@
+"""Deciding: first matching rule by priority (then file order), else the defaults.
+
+Decisions are cached per (operation, path, caller) until the policy is replaced, so the
+cost per FUSE request is a dict lookup once a path has been seen.
+"""
+
+from __future__ import annotations
+
+from agentfs.policy.globs import normalize
+from agentfs.policy.loader import parse_policy
+from agentfs.policy.model import READ_OPS, Caller, Decision, Policy, Rule
+
+_CACHE_LIMIT = 100_000
+
+
+class PolicyEngine:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._cache: dict[tuple[str, str, Caller], Decision] = {}
+
+    def replace(self, policy: Policy) -> None:
+        """Swap in a new policy (a reload); cached decisions are dropped."""
+        self.policy = policy
+        self._cache.clear()
+
+    def decide(self, op: str, path: str, caller: Caller | None = None) -> Decision:
+        caller = caller or Caller()
+        key = (op, path, caller)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        decision = self.explain(op, path, caller)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = decision
+        return decision
+
+    def explain(self, op: str, path: str, caller: Caller | None = None) -> Decision:
+        """The decision with the trace of every rule tried (uncached)."""
+        caller = caller or Caller()
+        norm = normalize(path)
+        trace: list[str] = []
+        p = self.policy
+        for rule in p.rules:
+            if op not in rule.ops:
+                trace.append(f"{rule.id}: operation {op} not covered")
+                continue
+            if not rule.path_regex.fullmatch(norm):
+                trace.append(f"{rule.id}: path does not match {list(rule.paths)}")
+                continue
+            failed = _who_mismatch(rule, caller)
+            if failed:
+                trace.append(f"{rule.id}: caller {failed}")
+                continue
+            trace.append(f"{rule.id}: matches -> {rule.decision}")
+            message = rule.message.replace("{op}", op).replace("{path}", norm)
+            return Decision(rule.decision, rule.id, p.defaults.deny_errno, message,
+                            p.sha256, tuple(trace))
+        default = p.defaults.read if op in READ_OPS else p.defaults.write
+        trace.append(f"no rule matched -> defaults.{'read' if op in READ_OPS else 'write'}"
+                     f" = {default}")
+        return Decision(default, None, p.defaults.deny_errno, "", p.sha256, tuple(trace))
+
+
+def _who_mismatch(rule: Rule, caller: Caller) -> str:
+    """'' when every caller predicate of *rule* holds, else which one failed."""
+    for key, matchers in rule.who:
+        values = _caller_values(key, caller)
+        # each listed matcher must hold: positive ones for some value, negated for all
+        for m in matchers:
+            ok = (all(m.matches(v) for v in values) if m.negate
+                  else any(m.matches(v) for v in values))
+            if not ok:
+                return f"{key} does not match {m.text!r}"
+    return ""
+
+
+def _caller_values(key: str, caller: Caller) -> list[str]:
+    if key == "exe":
+        return [caller.exe]
+    if key == "comm":
+        return [caller.comm]
+    if key == "uid":
+        return [str(caller.uid)]
+    if key == "ancestor":
+        return list(caller.ancestors)
+    if key == "env":
+        return [f"{k}={v}" for k, v in caller.env]
+    if key == "session":
+        return [caller.session]
+    return [caller.branch]
+
+
+DEFAULT_POLICY = """\
+# agentfs default policy: secrets stay out of reach, everything else in the view is
+# allowed (the base is never written anyway; the branch takes every change).
+version: 1
+name: agentfs-default
+defaults:
+  read: allow
+  write: allow
+  on_error: deny
+  deny_errno: EACCES
+rules:
+  - id: deny-ssh-gnupg
+    priority: 100
+    paths: ["**/.ssh", "**/.ssh/**", "**/.gnupg", "**/.gnupg/**"]
+    ops: ["*"]
+    decision: deny
+    message: "secrets are off limits ({op} {path})"
+  - id: deny-cloud-credentials
+    priority: 100
+    paths: ["**/.aws/credentials", "**/.config/gcloud/**", "**/.azure/**",
+            "**/.netrc", "**/.docker/config.json", "**/.kube/config"]
+    ops: ["*"]
+    decision: deny
+    message: "credentials are off limits ({op} {path})"
+  - id: deny-private-keys
+    priority: 90
+    paths: ["**/*.pem", "**/*.key", "**/id_rsa*", "**/id_ed25519*", "**/id_ecdsa*"]
+    ops: ["@read", "@write"]
+    decision: deny
+    message: "private keys are off limits ({op} {path})"
+  - id: deny-dotenv
+    priority: 80
+    paths: ["**/.env", "**/.env.*"]
+    ops: ["open_read", "open_write", "read", "write", "truncate", "link", "rename",
+          "rename_over", "getxattr", "listxattr"]
+    decision: deny
+    message: "environment files hold secrets ({op} {path})"
+"""
+
+
+def default_policy() -> Policy:
+    return parse_policy(DEFAULT_POLICY, "<default policy>", env={})
