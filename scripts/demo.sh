@@ -46,8 +46,9 @@ say "the agent works in the mount"
     python3 src/app.py
 )
 
-say "what the branch changed (diff -ruN project mount)"
-diff -ruN "$PROJECT" "$MNT" || true
+say "what the branch changed: agentfs branch diff --stat, then the patch"
+"$AGENTFS" branch diff agent-1 --stat
+"$AGENTFS" branch diff agent-1 --color=never
 
 say "agentfs status"
 "$AGENTFS" status
@@ -60,4 +61,9 @@ say "remount: the branch still has the agent's work"
 "$AGENTFS" mount "$MNT" --branch agent-1
 (cd "$MNT" && find . -type f | sort)
 "$AGENTFS" umount "$MNT"
+
+say "commit the branch into the project (journaled; --dry-run first)"
+"$AGENTFS" branch commit agent-1 --dry-run
+"$AGENTFS" branch commit agent-1
+(cd "$PROJECT" && find . -type f | sort && python3 src/app.py)
 say "demo finished (files in $DEMO)"
