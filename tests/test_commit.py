@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from corefacade import CoreFacade
 from fsfacade import OsFacade
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from mountutil import AGENTFS, cli_env
 
@@ -132,6 +132,8 @@ def reported_changes(store: Store, name: str) -> set[tuple[str, str]]:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(edits_a=ops, edits_b=ops)
+@example(edits_a=[("unlink", "README", "src", b""), ("rename", "src", "README", b"")],
+         edits_b=[])  # a directory renamed onto a deleted base file's name
 def test_diff_and_commit_match_a_plain_model(tmp_path_factory: pytest.TempPathFactory,
                                              edits_a: list[tuple[str, str, str, bytes]],
                                              edits_b: list[tuple[str, str, str, bytes]]) -> None:

@@ -623,8 +623,9 @@ class Overlay:
         if dloc is not None and not dloc.is_dir:
             self._release_lower_name(dst, dloc)
         dst_st = self.tree.try_lstat(dst)
-        if dst_st is not None and replaced_stamp is None and self.top.is_whiteout(dst, dst_st):
-            replaced_stamp = self.top.meta(self.tree, dst, dst_st).get("bst")
+        if dst_st is not None and dloc is None and self.top.is_whiteout(dst, dst_st):
+            # the name was deleted earlier: what the base had there is on the whiteout
+            replaced_stamp = self.top.meta(self.tree, dst, dst_st).get("bst") or replaced_stamp
         if dst_st is not None:
             if stat.S_ISDIR(dst_st.st_mode):
                 self.tree.remove_tree(dst)  # empty in the view: only whiteouts inside
