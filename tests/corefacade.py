@@ -107,9 +107,12 @@ class CoreFacade(FacadeHelpers):
                 path = self._follow(path)
             except FsError as exc:
                 target = self.ov.readlink(path)
-                if exc.errno != errno.ENOENT or not flags & os.O_CREAT or "/" in target:
+                if exc.errno != errno.ENOENT or not flags & os.O_CREAT or target.startswith("/"):
                     raise
-                path = posixpath.join(posixpath.dirname(path), target)  # create through it
+                created = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+                if created.startswith(".."):
+                    raise
+                path = self._parent_followed(created)  # O_CREAT through a dangling link
         if flags & os.O_CREAT:
             if self.ov.exists(path) and flags & os.O_EXCL:
                 raise FsError(errno.EEXIST)

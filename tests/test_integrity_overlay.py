@@ -57,6 +57,7 @@ def test_integrity_mount(tmp_path: Path, seed: int) -> None:
 
 @pytest.mark.mount
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("seed", range(10, 16))
 def test_integrity_mount_long(tmp_path: Path, seed: int) -> None:
     _mounted_run(tmp_path, seed, ops=20_000)

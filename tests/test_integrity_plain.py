@@ -18,6 +18,7 @@ def test_integrity_plain(tmp_path: Path, seed: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("seed", range(10, 20))
 def test_integrity_plain_long(tmp_path: Path, seed: int) -> None:
     populate_integrity_base(str(tmp_path), BASE_PATHS, seed)

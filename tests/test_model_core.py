@@ -47,6 +47,7 @@ def test_model_on_core() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_model_on_core_long() -> None:
     run_state_machine_as_test(CoreModelMachine, settings=settings(
         max_examples=1000, stateful_step_count=80, deadline=None,

@@ -57,6 +57,7 @@ def test_model_on_mount() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_model_on_mount_long() -> None:
     require_fuse()
     run_state_machine_as_test(MountModelMachine, settings=settings(
