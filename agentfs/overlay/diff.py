@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from agentfs.overlay.hostio import join
@@ -250,9 +249,3 @@ def _pair_renames(changes: list[Change], new: ViewReader, old: ViewReader) -> li
     return [c for c in out if not (c.status == DELETED and c.old is not None
                                    and c.old.ino in used and c.old.kind != "dir")]
 
-
-def iter_files(changes: list[Change]) -> Iterator[Change]:
-    """Changes that carry file content (for unified diffs and --stat)."""
-    for c in changes:
-        if (c.new and c.new.kind == "file") or (c.old and c.old.kind == "file"):
-            yield c

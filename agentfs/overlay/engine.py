@@ -30,7 +30,7 @@ from agentfs.overlay import copyup
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.hostio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
 from agentfs.overlay.inodes import InodeTable
-from agentfs.overlay.layers import MARKER, STORE_INO_TAG, WHITEOUT_MODE, Layer
+from agentfs.overlay.layers import MARKER, STORE_INO_TAG, Layer
 from agentfs.overlay.resolve import Loc, Resolver
 
 log = logging.getLogger(__name__)
@@ -452,19 +452,23 @@ class Overlay:
         ploc = self._locate(split(path)[0])
         return ploc.host.lstat(ploc.rel)
 
-    def _own(self, path: str, uid: int, gid: int) -> None:
-        pst = self._parent_stat(path)
-        if pst.st_mode & stat.S_ISGID:
-            gid = pst.st_gid
+    @staticmethod
+    def _new_gid(pst: os.stat_result, gid: int) -> int:
+        """A new object's group: the parent's if the parent is setgid (BSD semantics)."""
+        return pst.st_gid if pst.st_mode & stat.S_ISGID else gid
+
+    def _own(self, path: str, uid: int, gid: int,
+             pst: os.stat_result | None = None) -> None:
+        pst = pst or self._parent_stat(path)
         with contextlib.suppress(PermissionError):
-            self.tree.chown(path, uid, gid)
+            self.tree.chown(path, uid, self._new_gid(pst, gid))
 
     def mkdir(self, path: str, mode: int, uid: int, gid: int) -> Attr:
         self._prepare_new(path)
         whiteout_there = self.tree.try_lstat(path) is not None
         self._place(path, lambda h, r: h.mkdir(r, 0o700), {"opaque": 1} if whiteout_there else None)
         pst = self._parent_stat(path)
-        self._own(path, uid, gid)
+        self._own(path, uid, gid, pst)
         self.tree.chmod(path, (mode & 0o7777) | (pst.st_mode & stat.S_ISGID))
         return self.getattr(path)
 
@@ -506,9 +510,7 @@ class Overlay:
                      gid: int) -> tuple[int, Attr]:
         """The common create (no whiteout in the way): one open, fd-based fix-ups, and
         the new fd becomes the handle."""
-        pst = self._parent_stat(path)
-        if pst.st_mode & stat.S_ISGID:
-            gid = pst.st_gid
+        gid = self._new_gid(self._parent_stat(path), gid)
         fd = self.tree.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode & 0o7777)
         try:
             with contextlib.suppress(PermissionError):
@@ -871,4 +873,4 @@ def _check_xattr_name(name: str) -> None:
         raise FsError(errno.EPERM, "reserved attribute")
 
 
-__all__ = ["WHITEOUT_MODE", "Handle", "Overlay"]
+__all__ = ["Handle", "Overlay"]

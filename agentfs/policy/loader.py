@@ -11,7 +11,6 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -265,7 +264,3 @@ def _plain_glob(text: str) -> str:
         out.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
     return "".join(out)
 
-
-def rules_source(policy: Policy) -> list[dict[str, Any]]:
-    return [{"id": r.id, "priority": r.priority, "line": r.line, "paths": list(r.paths),
-             "ops": sorted(r.ops), "decision": r.decision} for r in policy.rules]

@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy import delete, select, text
 
-from agentfs.branches.schema import BranchRow, CommitOpRow, CommitRow, LayerRow, MountRow
+from agentfs.branches.schema import BranchRow, CommitOpRow, CommitRow, LayerRow
 from agentfs.branches.store import Store
 from agentfs.errors import UserError
 from agentfs.mount.view import open_branch_layers
@@ -513,5 +513,4 @@ def recover(store: Store) -> list[int]:
     return [c for c, _ in pending]
 
 
-__all__ = ["CONFLICT_EXIT", "CommitConflict", "CommitReport", "MountRow", "commit_branch",
-           "recover"]
+__all__ = ["CONFLICT_EXIT", "CommitConflict", "CommitReport", "commit_branch", "recover"]
