@@ -106,12 +106,14 @@ class MountedBranch:
     branch: str
     env: dict[str, str]
     pid: int | None = None
+    mount_opts: tuple[str, ...] = ()
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli("--store", str(self.store), *args, env=self.env, check=check)
 
     def mount(self) -> None:
-        res = self.cli("mount", str(self.mountpoint), "--branch", self.branch)
+        res = self.cli("mount", str(self.mountpoint), "--branch", self.branch,
+                       *self.mount_opts)
         m = re.search(r"daemon pid (\d+)", res.stdout)
         self.pid = int(m.group(1)) if m else None
 
@@ -123,13 +125,15 @@ class MountedBranch:
 @contextlib.contextmanager
 def mounted_branch(base: Path, workdir: Path, branch: str = "test", init: bool = True,
                    store: Path | None = None,
-                   env: dict[str, str] | None = None) -> Iterator[MountedBranch]:
+                   env: dict[str, str] | None = None,
+                   mount_opts: tuple[str, ...] = ()) -> Iterator[MountedBranch]:
     """Init a store for *base* (unless given), create *branch*, mount it; always clean up."""
     require_fuse()
     mnt = workdir / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)
     mb = MountedBranch(base=base, store=store or workdir / "store", mountpoint=mnt,
-                       branch=branch, env=env or cli_env(workdir / "home"))
+                       branch=branch, env=env or cli_env(workdir / "home"),
+                       mount_opts=mount_opts)
     if init:
         run_cli("init", str(base), "--store", str(mb.store), env=mb.env)
         mb.cli("branch", "create", branch)

@@ -177,7 +177,10 @@ rules:
 def test_default_policy_decisions() -> None:
     e = PolicyEngine(default_policy())
     cases = {("open_read", "home/u/.ssh/id_rsa"): "deny", ("readdir", ".gnupg"): "deny",
-             ("open_read", ".aws/credentials"): "deny", ("open_write", "certs/site.pem"): "deny",
+             ("open_read", ".aws/credentials"): "deny", ("open_read", "certs/site.pem"): "deny",
+             ("rename", "certs/site.pem"): "deny", ("create", "certs/new.pem"): "allow",
+             ("open_read", "venv/lib/certifi/cacert.pem"): "allow",
+             ("open_read", ".env.example"): "allow",
              ("open_read", ".env"): "deny", ("open_read", "app/.env.production"): "deny",
              ("stat", ".env"): "allow", ("open_read", "src/main.py"): "allow",
              ("unlink", "src/old.py"): "allow"}

@@ -7,7 +7,14 @@ import sys
 
 import typer
 
-from agentfs.cli import branch, mount_cmds, policy_cmds, session_cmds, store_cmds
+from agentfs.cli import (
+    approval_cmds,
+    branch,
+    mount_cmds,
+    policy_cmds,
+    session_cmds,
+    store_cmds,
+)
 from agentfs.errors import UserError
 
 app = typer.Typer(name="agentfs", no_args_is_help=True, add_completion=False,
@@ -30,6 +37,9 @@ app.command("mount")(mount_cmds.mount)
 app.command("umount")(mount_cmds.umount)
 app.command("exec", context_settings={"ignore_unknown_options": True})(session_cmds.exec_)
 app.command("bind")(session_cmds.bind)
+app.command("prompts")(approval_cmds.prompts)
+app.command("approve")(approval_cmds.approve)
+app.command("deny")(approval_cmds.deny)
 app.add_typer(branch.app, name="branch")
 app.add_typer(policy_cmds.app, name="policy")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import typer
 from agentfs.cli.common import open_store
 from agentfs.errors import UserError
 from agentfs.mount import lifecycle
+from agentfs.policy.loader import load_policy
 
 
 def mount(ctx: typer.Context, mountpoint: Path,
@@ -25,18 +27,23 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                             help="per-process: EACCES for unbound callers"),
           foreground: bool = typer.Option(False, "--foreground", "-f",
                                           help="serve in this process until unmounted"),
+          policy: str | None = typer.Option(None, "--policy",
+                                            help="policy file (default: the built-in "
+                                                 "policy, see `agentfs policy default`)"),
           debug: bool = typer.Option(False, "--debug", help="log every FUSE request")) -> None:
     """Mount a branch (or per-process views) at MOUNTPOINT; returns once it is ready."""
     store = open_store(ctx)
     what = f"branch {branch}" if branch else "per-process views"
     if not foreground:
         pid = lifecycle.start_mount(store, branch, mountpoint, debug, per_process,
-                                    default_branch, deny_unbound)
+                                    default_branch, deny_unbound, policy)
         typer.echo(f"mounted {what} at {mountpoint.resolve()} (daemon pid {pid})")
         return
     from agentfs.mount import daemon
 
     lifecycle.check_mode(store, branch, per_process, default_branch, deny_unbound)
+    if policy:
+        load_policy(policy)
     lifecycle.check_fuse()
     path = lifecycle.check_mountpoint(mountpoint)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
@@ -51,7 +58,8 @@ def mount(ctx: typer.Context, mountpoint: Path,
 
     config = daemon.MountConfig(store_root=store.root, mountpoint=path, branch=branch,
                                 per_process=per_process, default_branch=default_branch,
-                                deny_unbound=deny_unbound, debug=debug)
+                                deny_unbound=deny_unbound, debug=debug,
+                                policy_path=os.path.abspath(policy) if policy else None)
     code = daemon.serve(config, ready)
     if failure:
         raise UserError(failure[0])

@@ -9,6 +9,7 @@ import typer
 import yaml
 
 from agentfs.cli.common import print_json
+from agentfs.cli.daemons import ask_daemon, daemon_at
 from agentfs.errors import UserError
 from agentfs.policy.engine import DEFAULT_POLICY, PolicyEngine, default_policy
 from agentfs.policy.lint import shadowed
@@ -87,6 +88,35 @@ def test(file: str = typer.Argument(..., help="a policy file, or 'default'"),
     typer.echo(f"{len(table) - failures}/{len(table)} cases pass")
     if failures:
         raise typer.Exit(1)
+
+
+@app.command("reload")
+def reload(ctx: typer.Context, mountpoint: Path = typer.Argument(...)) -> None:
+    """Reload the policy file of the mount at MOUNTPOINT (a bad file is refused and the
+    policy in force stays)."""
+    root, pid = daemon_at(ctx, mountpoint)
+    reply = ask_daemon(root, pid, {"op": "reload"})
+    if not reply.get("ok"):
+        raise UserError(f"reload refused, policy {str(reply.get('sha256'))[:12]} stays in "
+                        f"force: {reply.get('error')}")
+    state = "reloaded" if reply.get("changed") else "unchanged"
+    typer.echo(f"{state}: policy sha256 {reply.get('sha256')}")
+
+
+@app.command("show")
+def show(ctx: typer.Context, mountpoint: Path = typer.Argument(...),
+         as_json: bool = typer.Option(False, "--json")) -> None:
+    """Which policy the mount at MOUNTPOINT enforces (file, name, sha256, last error)."""
+    root, pid = daemon_at(ctx, mountpoint)
+    reply = ask_daemon(root, pid, {"op": "policy"})
+    if as_json:
+        print_json(reply)
+        return
+    for label, info in [("mount", reply["mount"])] + [
+            (f"session {s['pid']}", s) for s in reply.get("sessions", [])]:
+        typer.echo(f"{label}: {info['name']} from {info['path']} (sha256 {info['sha256']})")
+        if info.get("last_error"):
+            typer.echo(f"  last reload refused: {info['last_error']}")
 
 
 @app.command("default")

@@ -16,6 +16,7 @@ from agentfs.branches.store import MountInfo, Store
 from agentfs.cli.common import open_store
 from agentfs.errors import UserError
 from agentfs.mount import control
+from agentfs.policy.loader import load_policy
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -35,10 +36,13 @@ def per_process_mount(store: Store, mountpoint: Path | None) -> MountInfo:
     return mounts[0]
 
 
-def bind_pid(store_root: Path, mount: MountInfo, pid: int, branch: str) -> None:
+def bind_pid(store_root: Path, mount: MountInfo, pid: int, branch: str,
+             policy: str | None = None) -> None:
+    message: dict[str, object] = {"op": "bind", "pid": pid, "branch": branch}
+    if policy:
+        message["policy"] = os.path.abspath(policy)
     try:
-        reply = control.request(control.socket_path(store_root, mount.pid),
-                                {"op": "bind", "pid": pid, "branch": branch})
+        reply = control.request(control.socket_path(store_root, mount.pid), message)
     except OSError as exc:
         raise UserError(f"cannot reach the daemon of {mount.mountpoint}: {exc}") from None
     if not reply.get("ok"):
@@ -48,6 +52,9 @@ def bind_pid(store_root: Path, mount: MountInfo, pid: int, branch: str) -> None:
 def exec_(ctx: typer.Context,
           branch: str = typer.Option(..., "--branch", "-b", help="the branch CMD sees"),
           mount: Path | None = typer.Option(None, "--mount", help="the per-process mount"),
+          policy: str | None = typer.Option(None, "--policy",
+                                            help="a policy for this session only "
+                                                 "(default: the mount's)"),
           cmd: list[str] = typer.Argument(..., help="the command (after --)"),
           ) -> None:
     """Run CMD (and everything it starts) bound to BRANCH; exits with CMD's status.
@@ -58,6 +65,8 @@ def exec_(ctx: typer.Context,
     CMD itself exits."""
     store = open_store(ctx)
     store.branch(branch)
+    if policy:
+        load_policy(policy)
     m = per_process_mount(store, mount)
     root = store.root
     store.close()
@@ -65,7 +74,7 @@ def exec_(ctx: typer.Context,
     keeper = os.fork()
     if keeper == 0:
         os.close(r)
-        _keeper(root, m, branch, cmd, w)
+        _keeper(root, m, branch, cmd, w, policy)
     os.close(w)
     child = 0
 
@@ -90,14 +99,15 @@ def exec_(ctx: typer.Context,
     raise UserError("the session keeper died before CMD finished")
 
 
-def _keeper(store_root: Path, mount: MountInfo, branch: str, cmd: list[str], w: int) -> None:
+def _keeper(store_root: Path, mount: MountInfo, branch: str, cmd: list[str], w: int,
+            policy: str | None) -> None:
     """The session root (never returns): bind, run CMD, report, reap until alone."""
     def report(text: str) -> None:
         os.write(w, (text + "\n").encode())
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-        bind_pid(store_root, mount, os.getpid(), branch)
+        bind_pid(store_root, mount, os.getpid(), branch, policy)
         proc = subprocess.Popen(cmd)
     except UserError as exc:
         report(f"ERR {exc}")

@@ -51,11 +51,17 @@ async def serve(path: Path, handle: Handler) -> None:
     finally:
         os.umask(old)
     listener.listen(16)
-    try:
-        while True:
-            conn, _ = await listener.accept()
-            with conn:
+
+    async def one(conn: trio.socket.SocketType) -> None:
+        with conn:
+            with trio.move_on_after(30):  # a client that never finishes its line
                 await _one(conn, handle)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                conn, _ = await listener.accept()
+                nursery.start_soon(one, conn)
     finally:
         listener.close()
         if path.exists():

@@ -28,9 +28,16 @@ from agentfs.mount.fuse3_ops import AgentfsOperations
 from agentfs.mount.perprocess import PerProcessOperations
 from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
+from agentfs.overlay.engine import Overlay
 from agentfs.overlay.layers import Layer
+from agentfs.policy.approvals import ApprovalBroker
+from agentfs.policy.callers import CallerResolver
+from agentfs.policy.guard import Guard
+from agentfs.policy.source import PolicySource
+from agentfs.proc import parent_pid, thread_group
 
 log = logging.getLogger(__name__)
+POLICY_POLL = 1.0  # seconds between looks at the policy files' mtimes
 
 
 def fuse_options(debug: bool) -> set[str]:
@@ -55,6 +62,7 @@ class MountConfig:
     deny_unbound: bool = False
     debug: bool = False
     log_path: str = ""
+    policy_path: str | None = None     # None: the built-in default policy
 
 
 class Daemon:
@@ -64,15 +72,64 @@ class Daemon:
         self.config = config
         self.store = store
         self.sessions = SessionTable()
+        self.policy = PolicySource(config.policy_path)
+        self.broker = ApprovalBroker(str(os.getpid()))
+        self.callers = CallerResolver()
         self.ops: AgentfsOperations | PerProcessOperations
         if config.per_process:
             for name in filter(None, [config.default_branch]):
                 store.branch(name)
             self.ops = PerProcessOperations(store, self.sessions, config.default_branch,
-                                            config.deny_unbound)
+                                            config.deny_unbound, self._guard)
         else:
             assert config.branch is not None
-            self.ops = AgentfsOperations(open_branch_view(store, config.branch))
+            overlay = open_branch_view(store, config.branch)
+            self.ops = AgentfsOperations(overlay, guard=self._guard(overlay, config.branch))
+
+    def _guard(self, overlay: Overlay, branch: str) -> Guard:
+        sessions = self.sessions if self.config.per_process else None
+        return Guard(overlay, self.policy, self.broker, self.callers, branch, sessions)
+
+    def _views(self) -> list[AgentfsOperations]:
+        if isinstance(self.ops, PerProcessOperations):
+            return list(self.ops.views.values())
+        return [self.ops]
+
+    def reload_policies(self, only_changed: bool = False) -> dict[str, Any]:
+        """Reload the mount's policy file and every session's; a bad file keeps the
+        last good policy and the reason is returned (and logged)."""
+        sources = [self.policy, *(s.policy for s in self.sessions.sessions.values()
+                                  if s.policy is not None)]
+        errors, changed = [], False
+        for source in sources:
+            if only_changed and not source.changed():
+                continue
+            before = source.sha256
+            ok, detail = source.reload()
+            if not ok:
+                errors.append(detail)
+            changed |= source.sha256 != before
+        if changed:
+            self.broker.forget()
+            if any("stat" in src.engine.restricted for src in sources):
+                for view in self._views():
+                    view.drop_kernel_entries()
+        if errors:
+            return {"ok": False, "error": "; ".join(errors), "sha256": self.policy.sha256}
+        return {"ok": True, "sha256": self.policy.sha256, "changed": changed}
+
+    def _may_answer(self, peer_pid: int, ticket_pid: int) -> str:
+        """'' if the peer may answer a question asked by *ticket_pid*, else why not."""
+        if self.sessions.session_of(peer_pid) is not None:
+            return "the caller is inside a session"
+        asker = thread_group(ticket_pid)
+        cur: int | None = thread_group(peer_pid)
+        hops = 0
+        while cur is not None and cur > 1 and hops < 4096:
+            if cur == asker:
+                return "the caller is the asking process or runs under it"
+            cur, hops = parent_pid(cur), hops + 1
+        return ""
 
     def handle(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
         """A control request (the socket already checked the peer's uid)."""
@@ -84,6 +141,28 @@ class Daemon:
             self.ops.ov.push_top(layer)
             log.info("forked: new top layer %s", req["layer_id"])
             return {"ok": True}
+        if op == "policy":
+            return {"ok": True, "mount": self.policy.describe(), "sessions": [
+                {"pid": s.pid, **s.policy.describe()}
+                for s in self.sessions.sessions.values() if s.policy is not None]}
+        if op == "reload":
+            return self.reload_policies()
+        if op == "prompts":
+            return {"ok": True, "prompts": [t.public() for t in self.broker.pending.values()]}
+        if op == "answer":
+            ticket = self.broker.pending.get(str(req.get("id")))
+            if ticket is None:
+                return {"ok": False, "error": f"no pending request {req.get('id')}"}
+            why = self._may_answer(peer_pid, ticket.pid)
+            if why:
+                log.warning("refused an answer to %s from pid %s: %s", ticket.id, peer_pid, why)
+                return {"ok": False, "error": f"permission denied: {why}"}
+            try:
+                self.broker.answer(ticket.id, bool(req.get("allow")),
+                                   str(req.get("remember") or "once"))
+            except ValueError as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True, "id": ticket.id}
         if op == "sessions":
             return {"ok": True, "sessions": [
                 {"pid": s.pid, "branch": s.branch, "command": s.command,
@@ -101,19 +180,29 @@ class Daemon:
             branch = str(req["branch"])
             self.store.branch(branch)
             self.ops.view(branch)
-            session = self.sessions.bind(pid, branch)
+            policy = PolicySource(str(req["policy"])) if req.get("policy") else None
+            session = self.sessions.bind(pid, branch, policy)
             log.info("bound pid %s (%s) to branch %s", pid, session.command, branch)
             return {"ok": True}
         return {"ok": False, "error": f"unknown request {op!r}"}
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
-            async def stop_on_signal() -> None:
+            async def on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
                                                signal.SIGHUP) as sigs:
-                    async for _ in sigs:
+                    async for signum in sigs:
+                        if signum == signal.SIGHUP:
+                            log.info("SIGHUP: reloading the policy")
+                            self.reload_policies()
+                            continue
                         pyfuse3.terminate()
                         return
+
+            async def watch_policy_files() -> None:
+                while True:
+                    await trio.sleep(POLICY_POLL)
+                    self.reload_policies(only_changed=True)
 
             async def end_sessions() -> None:
                 while True:
@@ -121,7 +210,8 @@ class Daemon:
                     for gone in self.sessions.prune():
                         log.info("session of pid %s (%s) ended", gone.pid, gone.branch)
 
-            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(on_signal)
+            nursery.start_soon(watch_policy_files)
             nursery.start_soon(end_sessions)
             nursery.start_soon(control.serve,
                                control.socket_path(self.config.store_root, os.getpid()),
@@ -185,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--ready-fd", type=int, default=-1)
     parser.add_argument("--log-path", default="")
+    parser.add_argument("--policy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -200,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     config = MountConfig(store_root=Path(args.store), mountpoint=args.mountpoint,
                          branch=args.branch, per_process=args.per_process,
                          default_branch=args.default_branch, deny_unbound=args.deny_unbound,
-                         debug=args.debug, log_path=args.log_path)
+                         debug=args.debug, log_path=args.log_path,
+                         policy_path=args.policy)
     return serve(config, ready)
 
 

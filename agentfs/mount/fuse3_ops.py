@@ -23,14 +23,17 @@ from typing import Any, Final, ParamSpec, TypeVar
 import pyfuse3
 
 from agentfs.errors import FsError
+from agentfs.mount.asking import settle
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.hostio import join
 from agentfs.overlay.inodes import ROOT_INO
+from agentfs.policy.guard import Guard, Verdict, open_ops
 
 log = logging.getLogger(__name__)
 
 CACHE_TIMEOUT: Final = 300.0
+RENAME_EXCHANGE: Final = 2
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -72,9 +75,11 @@ class AgentfsOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, overlay: Overlay, cache_timeout: float = CACHE_TIMEOUT,
-                 space: InodeSpace | None = None, shared_root: bool = False) -> None:
+                 space: InodeSpace | None = None, shared_root: bool = False,
+                 guard: Guard | None = None) -> None:
         super().__init__()
         self.ov = overlay
+        self.guard = guard
         self.timeout = cache_timeout
         self.space = space or InodeSpace()
         self.shared_root = shared_root
@@ -110,10 +115,40 @@ class AgentfsOperations(pyfuse3.Operations):
         base = self.ov.inodes.path(self.space.local(inode))
         return base if name is None else join(base, os.fsdecode(name))
 
+    # -- policy ------------------------------------------------------------
+    async def _settle(self, verdict: Verdict, ctx: Any) -> None:
+        if verdict.errno or verdict.ticket is not None:
+            assert self.guard is not None
+            await settle(verdict, self.guard.broker, ctx.pid if ctx is not None else 0)
+
+    async def _check(self, ctx: Any, *checks: tuple[str, str]) -> None:
+        if self.guard is not None:
+            await self._settle(self.guard.check(_pid(ctx), _uid(ctx), checks), ctx)
+
+    async def _check_object(self, ctx: Any, ops: list[str], path: str) -> None:
+        if self.guard is not None and ops:
+            await self._settle(self.guard.check_object(_pid(ctx), _uid(ctx), ops, path), ctx)
+
+    def _restricts(self, ctx: Any, op: str) -> bool:
+        return self.guard is not None and op in self.guard.restricted(_pid(ctx))
+
     def _new(self, path: str, attr: Attr, parent: int | None = None
              ) -> pyfuse3.EntryAttributes:
         self.ov.inodes.remember(attr.ino, path)
         return self._entry(attr, parent)
+
+    def drop_kernel_entries(self) -> None:
+        """Make the kernel look every known name up again (after a policy reload that
+        restricts stat, cached entries must not answer for the old policy)."""
+        by_path = {p: ino for ino, node in self.ov.inodes.nodes.items() for p in node.paths}
+        for path in by_path:
+            if not path:
+                continue
+            parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+            parent_ino = by_path.get(parent)
+            if parent_ino is not None:
+                pyfuse3.invalidate_entry_async(self.space.export(parent_ino),
+                                               os.fsencode(name), ignore_enoent=True)
 
     # -- namespace -------------------------------------------------------
     @_boundary
@@ -125,6 +160,8 @@ class AgentfsOperations(pyfuse3.Operations):
         if name == b"..":
             parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
             return self._new(parent, self.ov.getattr(parent))
+        if self._restricts(ctx, "stat"):
+            await self._check(ctx, ("stat", path))
         try:
             return self._entry(self.ov.lookup(path), local_parent)
         except FsError as exc:
@@ -146,12 +183,21 @@ class AgentfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
-        return self._entry(self.ov.getattr_ino(self.space.local(inode)))
+        local = self.space.local(inode)
+        if self._restricts(ctx, "stat") and self.ov.inodes.has_path(local):
+            await self._check(ctx, ("stat", self.ov.inodes.path(local)))
+        return self._entry(self.ov.getattr_ino(local))
 
     @_boundary
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: Any, ctx: Any) -> Any:
         local = self.space.local(inode)
         path = self.ov.inodes.path(local) if self.ov.inodes.has_path(local) else None
+        if path is not None and self.guard is not None:
+            ops = [op for op, wanted in (
+                ("chmod", fields.update_mode), ("chown", fields.update_uid or fields.update_gid),
+                ("truncate", fields.update_size),
+                ("utimens", fields.update_atime or fields.update_mtime)) if wanted]
+            await self._check_object(ctx, ops, path)
         result = self.ov.setattr(
             path,
             mode=attr.st_mode if fields.update_mode else None,
@@ -165,56 +211,81 @@ class AgentfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return os.fsencode(self.ov.readlink(self._path(inode)))
+        path = self._path(inode)
+        await self._check(ctx, ("readlink", path))
+        return os.fsencode(self.ov.readlink(path))
 
     @_boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
         path = self._path(parent_inode, name)
+        await self._check(ctx, ("mknod", path))
         return self._new(path, self.ov.mknod(path, mode, rdev, ctx.uid, ctx.gid),
                          self.space.local(parent_inode))
 
     @_boundary
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
         path = self._path(parent_inode, name)
+        await self._check(ctx, ("mkdir", path))
         return self._new(path, self.ov.mkdir(path, mode, ctx.uid, ctx.gid),
                          self.space.local(parent_inode))
 
     @_boundary
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
         path = self._path(parent_inode, name)
+        await self._check(ctx, ("symlink", path))
         return self._new(path, self.ov.symlink(path, os.fsdecode(target), ctx.uid, ctx.gid),
                          self.space.local(parent_inode))
 
     @_boundary
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         dst = self._path(new_parent_inode, new_name)
-        return self._new(dst, self.ov.link(self._path(inode), dst),
-                         self.space.local(new_parent_inode))
+        src = self._path(inode)
+        if self.guard is not None:
+            await self._settle(self.guard.check_link(_pid(ctx), _uid(ctx), src, dst), ctx)
+        attr = self.ov.link(src, dst)
+        if self.guard is not None:
+            self.guard.linked(attr.ino, dst)
+        return self._new(dst, attr, self.space.local(new_parent_inode))
 
     @_boundary
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        self.ov.unlink(self._path(parent_inode, name))
+        path = self._path(parent_inode, name)
+        await self._check(ctx, ("unlink", path))
+        self.ov.unlink(path)
 
     @_boundary
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        self.ov.rmdir(self._path(parent_inode, name))
+        path = self._path(parent_inode, name)
+        await self._check(ctx, ("rmdir", path))
+        self.ov.rmdir(path)
 
     @_boundary
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
-        self.ov.rename(self._path(parent_inode_old, name_old),
-                       self._path(parent_inode_new, name_new), flags)
+        src = self._path(parent_inode_old, name_old)
+        dst = self._path(parent_inode_new, name_new)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if self.guard is not None:
+            await self._settle(
+                self.guard.check_rename(_pid(ctx), _uid(ctx), src, dst, exchange), ctx)
+        self.ov.rename(src, dst, flags)
+        if self.guard is not None:
+            self.guard.renamed(src, dst, exchange)
 
     # -- files -------------------------------------------------------------
     @_boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        fh = self.ov.open(self._path(inode), flags)
+        path = self._path(inode)
+        if self.guard is not None:
+            await self._check_object(ctx, open_ops(flags), path)
+        fh = self.ov.open(path, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_boundary
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> Any:
         path = self._path(parent_inode, name)
+        await self._check(ctx, ("create", path), ("open_write", path), ("write", path))
         fh, attr = self.ov.create(path, flags, mode, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new(
             path, attr, self.space.local(parent_inode))
@@ -243,6 +314,7 @@ class AgentfsOperations(pyfuse3.Operations):
     @_boundary
     async def opendir(self, inode: int, ctx: Any) -> int:
         path = self._path(inode)
+        await self._check(ctx, ("readdir", path))
         names = self.ov.listdir(path)
         fh = self._next_dir
         self._next_dir += 1
@@ -299,18 +371,34 @@ class AgentfsOperations(pyfuse3.Operations):
             self._xattr_names[inode] = names
         if name not in names:
             raise FsError(errno.ENODATA)
-        return self.ov.getxattr(self._path(inode), os.fsdecode(name))
+        path = self._path(inode)
+        await self._check_object(ctx, ["getxattr"], path)
+        return self.ov.getxattr(path, os.fsdecode(name))
 
     @_boundary
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        path = self._path(inode)
+        await self._check_object(ctx, ["setxattr"], path)
         self._xattr_names.pop(inode, None)
-        self.ov.setxattr(self._path(inode), os.fsdecode(name), value)
+        self.ov.setxattr(path, os.fsdecode(name), value)
 
     @_boundary
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return [os.fsencode(n) for n in self.ov.listxattr(self._path(inode))]
+        path = self._path(inode)
+        await self._check_object(ctx, ["listxattr"], path)
+        return [os.fsencode(n) for n in self.ov.listxattr(path)]
 
     @_boundary
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        path = self._path(inode)
+        await self._check_object(ctx, ["removexattr"], path)
         self._xattr_names.pop(inode, None)
-        self.ov.removexattr(self._path(inode), os.fsdecode(name))
+        self.ov.removexattr(path, os.fsdecode(name))
+
+
+def _pid(ctx: Any) -> int:
+    return int(ctx.pid) if ctx is not None else 0
+
+
+def _uid(ctx: Any) -> int:
+    return int(ctx.uid) if ctx is not None else -1

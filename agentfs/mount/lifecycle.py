@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agentfs.branches.store import Store, load_registry, mounted_paths
 from agentfs.errors import UserError
+from agentfs.policy.loader import load_policy
 
 READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
@@ -48,8 +49,10 @@ def check_mountpoint(mountpoint: Path) -> str:
 
 
 def daemon_args(branch: str | None, per_process: bool, default_branch: str | None,
-                deny_unbound: bool, debug: bool) -> list[str]:
+                deny_unbound: bool, debug: bool, policy: str | None = None) -> list[str]:
     args = ["--branch", branch] if branch else []
+    if policy:
+        args += ["--policy", os.path.abspath(policy)]
     if per_process:
         args.append("--per-process")
     if default_branch:
@@ -76,16 +79,18 @@ def check_mode(store: Store, branch: str | None, per_process: bool,
 
 def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool = False,
                 per_process: bool = False, default_branch: str | None = None,
-                deny_unbound: bool = False) -> int:
+                deny_unbound: bool = False, policy: str | None = None) -> int:
     """Start a background daemon and return its pid once the mount is ready."""
     check_mode(store, branch, per_process, default_branch, deny_unbound)
+    if policy:
+        load_policy(policy)  # a bad file is the user's error, reported before mounting
     check_fuse()
     path = check_mountpoint(mountpoint)
     log_path = store.root / "run" / f"mount-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.log"
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "agentfs.mount.daemon", "--store", str(store.root),
            "--mountpoint", path, "--ready-fd", str(w), "--log-path", str(log_path),
-           *daemon_args(branch, per_process, default_branch, deny_unbound, debug)]
+           *daemon_args(branch, per_process, default_branch, deny_unbound, debug, policy)]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, pass_fds=(w,),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -23,9 +24,12 @@ from agentfs.branches.store import Store
 from agentfs.mount.fuse3_ops import AgentfsOperations, InodeSpace, _boundary
 from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
+from agentfs.overlay.engine import Overlay
 from agentfs.overlay.inodes import ROOT_INO
+from agentfs.policy.guard import Guard
 
 log = logging.getLogger(__name__)
+GuardFactory = Callable[[Overlay, str], Guard]
 
 
 class GlobalInodes:
@@ -70,8 +74,9 @@ class PerProcessOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, store: Store, sessions: SessionTable, default_branch: str | None,
-                 deny_unbound: bool) -> None:
+                 deny_unbound: bool, make_guard: GuardFactory | None = None) -> None:
         super().__init__()
+        self.make_guard = make_guard
         self.store = store
         self.sessions = sessions
         self.default_branch = default_branch
@@ -87,8 +92,10 @@ class PerProcessOperations(pyfuse3.Operations):
         ops = self.views.get(branch)
         if ops is None:
             slot = len(self._slots)
-            ops = AgentfsOperations(open_branch_view(self.store, branch),
-                                    space=BranchSpace(self.inodes, slot), shared_root=True)
+            overlay = open_branch_view(self.store, branch)
+            guard = self.make_guard(overlay, branch) if self.make_guard else None
+            ops = AgentfsOperations(overlay, space=BranchSpace(self.inodes, slot),
+                                    shared_root=True, guard=guard)
             self.views[branch] = ops
             self._slots.append(ops)
             log.info("opened branch %s for per-process mount", branch)

@@ -10,47 +10,14 @@ setsid).  Results are cached per pid and checked against the start time on each 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Final
 
+from agentfs.policy.source import PolicySource
+from agentfs.proc import command_line, parent_pid, start_time, thread_group
+
 FRESH: Final = 0.5  # seconds an answer is trusted without looking at /proc again
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return None
-    return raw[raw.rfind(b")") + 2:].decode(errors="replace").split()
-
-
-def start_time(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None  # field 22: starttime
-
-
-def parent_pid(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    return int(fields[1]) if fields and len(fields) > 1 else None  # field 4: ppid
-
-
-def thread_group(pid: int) -> int:
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Tgid:"):
-                return int(line.split()[1])
-    return pid
-
-
-def command_line(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -61,6 +28,7 @@ class Session:
     command: str
     created: float = field(default_factory=time.time)
     members: set[tuple[int, int]] = field(default_factory=set)
+    policy: PolicySource | None = None   # its own policy (`exec --policy`), else the mount's
 
 
 class SessionTable:
@@ -70,13 +38,13 @@ class SessionTable:
         self._cache: dict[int, tuple[int | None, Session | None]] = {}
         self._fresh: dict[int, tuple[float, Session | None]] = {}
 
-    def bind(self, pid: int, branch: str) -> Session:
+    def bind(self, pid: int, branch: str, policy: PolicySource | None = None) -> Session:
         pid = thread_group(pid)
         start = start_time(pid)
         if start is None:
             raise ValueError(f"no process {pid}")
         self.unbind(pid)
-        session = Session(pid, start, branch, command_line(pid))
+        session = Session(pid, start, branch, command_line(pid), policy=policy)
         self.sessions[(pid, start)] = session
         self._forget_answers()
         return session

@@ -6,25 +6,62 @@ cost per FUSE request is a dict lookup once a path has been seen.
 
 from __future__ import annotations
 
-from agentfs.policy.globs import normalize
+import re
+
+from agentfs.policy.globs import may_match_below, normalize
 from agentfs.policy.loader import parse_policy
-from agentfs.policy.model import READ_OPS, Caller, Decision, Policy, Rule
+from agentfs.policy.model import NOBODY, OPS, READ_OPS, Caller, Decision, Policy, Rule
 
 _CACHE_LIMIT = 100_000
+STRENGTH = {"deny": 3, "ask": 2, "audit": 1, "soft_delete": 1, "allow": 0}
 
 
 class PolicyEngine:
+    """A loaded policy plus what the hot path wants precomputed about it.
+
+    ``restricted``: the operations some rule or default does not simply allow; a check
+    of any other operation is skipped without a lookup.  ``caller_keys``: which facts
+    about the caller any rule looks at (none: callers need not be resolved at all).
+    """
+
     def __init__(self, policy: Policy) -> None:
-        self.policy = policy
         self._cache: dict[tuple[str, str, Caller], Decision] = {}
+        self.replace(policy)
 
     def replace(self, policy: Policy) -> None:
         """Swap in a new policy (a reload); cached decisions are dropped."""
         self.policy = policy
         self._cache.clear()
+        restricted = {op for op in OPS
+                      if (policy.defaults.read if op in READ_OPS else policy.defaults.write)
+                      != "allow"}
+        for rule in policy.rules:
+            if rule.decision != "allow":
+                restricted |= rule.ops
+        self.restricted: frozenset[str] = frozenset(restricted)
+        self.caller_keys: frozenset[str] = frozenset(
+            key for rule in policy.rules for key, _ in rule.who)
+        self.defaults_restrict = (policy.defaults.read != "allow"
+                                  or policy.defaults.write != "allow")
+        patterns = [r.path_regex.pattern for r in policy.rules if r.decision != "allow"]
+        self._restricting = re.compile("|".join(f"(?:{p})" for p in patterns) or "(?!)",
+                                       re.DOTALL)
 
-    def decide(self, op: str, path: str, caller: Caller | None = None) -> Decision:
-        caller = caller or Caller()
+    def restricts(self, path: str) -> bool:
+        """Could any operation on *path* get something other than allow?"""
+        return self.defaults_restrict or bool(self._restricting.fullmatch(normalize(path)))
+
+    def may_restrict_below(self, directory: str) -> bool:
+        """Could a non-allow rule (or default) apply to something below *directory*?"""
+        if self.defaults_restrict:
+            return True
+        prefix = normalize(directory)
+        return any(may_match_below(glob, prefix) for rule in self.policy.rules
+                   if rule.decision != "allow" for glob in rule.paths)
+
+    def decide(self, op: str, path: str, caller: Caller = NOBODY) -> Decision:
+        """The decision, cached per (op, path, caller object): callers are interned by
+        whoever resolves them, so the key hashes by identity."""
         key = (op, path, caller)
         hit = self._cache.get(key)
         if hit is not None:
@@ -35,9 +72,8 @@ class PolicyEngine:
         self._cache[key] = decision
         return decision
 
-    def explain(self, op: str, path: str, caller: Caller | None = None) -> Decision:
+    def explain(self, op: str, path: str, caller: Caller = NOBODY) -> Decision:
         """The decision with the trace of every rule tried (uncached)."""
-        caller = caller or Caller()
         norm = normalize(path)
         trace: list[str] = []
         p = self.policy
@@ -94,6 +130,8 @@ def _caller_values(key: str, caller: Caller) -> list[str]:
 DEFAULT_POLICY = """\
 # agentfs default policy: secrets stay out of reach, everything else in the view is
 # allowed (the base is never written anyway; the branch takes every change).
+# Private keys and .env files may be created and written (a build may generate
+# them) but not read, linked or moved; public CA bundles are not secrets.
 version: 1
 name: agentfs-default
 defaults:
@@ -115,17 +153,23 @@ rules:
     ops: ["*"]
     decision: deny
     message: "credentials are off limits ({op} {path})"
+  - id: public-ca-bundles
+    priority: 95
+    paths: ["**/cacert.pem", "**/ca-bundle.pem", "**/ca-bundle.crt",
+            "**/ca-certificates.crt", "**/certifi/*.pem", "**/.env.example",
+            "**/.env.sample", "**/.env.template"]
+    ops: ["*"]
+    decision: allow
   - id: deny-private-keys
     priority: 90
     paths: ["**/*.pem", "**/*.key", "**/id_rsa*", "**/id_ed25519*", "**/id_ecdsa*"]
-    ops: ["@read", "@write"]
+    ops: ["open_read", "read", "getxattr", "listxattr", "link", "rename", "rename_over"]
     decision: deny
     message: "private keys are off limits ({op} {path})"
   - id: deny-dotenv
     priority: 80
     paths: ["**/.env", "**/.env.*"]
-    ops: ["open_read", "open_write", "read", "write", "truncate", "link", "rename",
-          "rename_over", "getxattr", "listxattr"]
+    ops: ["open_read", "read", "getxattr", "listxattr", "link", "rename", "rename_over"]
     decision: deny
     message: "environment files hold secrets ({op} {path})"
 """

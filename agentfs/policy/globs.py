@@ -98,3 +98,23 @@ def normalize(path: str) -> str:
             continue
         parts.append(part)
     return "/".join(parts)
+
+
+def may_match_below(pattern: str, prefix: str) -> bool:
+    """Could *pattern* match some path strictly below directory *prefix*?
+
+    Conservative (True when unsure): used to decide whether moving a directory could
+    carry a protected path out of a rule's reach, so a false True only costs a walk.
+    """
+    if "{" in pattern:
+        return True  # alternatives may span segments; not worth being clever
+    segs = pattern.lstrip("/").split("/")
+    psegs = [p for p in prefix.split("/") if p]
+    for i, pseg in enumerate(psegs):
+        if i >= len(segs):
+            return False
+        if segs[i] == "**":
+            return True
+        if not compile_glob(segs[i]).fullmatch(pseg):
+            return False
+    return len(segs) > len(psegs)

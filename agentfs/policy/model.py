@@ -28,9 +28,12 @@ ERRNOS: Final = {"EACCES": errno.EACCES, "EPERM": errno.EPERM, "EROFS": errno.ER
 WHO_KEYS: Final = ("exe", "comm", "ancestor", "uid", "env", "session", "branch")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Caller:
-    """What rules can know about the process behind a request."""
+    """What rules can know about the process behind a request.
+
+    Compared and hashed by identity: the resolver hands out one object per process
+    state, which makes it a cheap decision-cache key."""
 
     pid: int = 0
     exe: str = ""
@@ -40,6 +43,9 @@ class Caller:
     env: tuple[tuple[str, str], ...] = ()
     session: str = ""
     branch: str = ""
+
+
+NOBODY: Final = Caller()
 
 
 @dataclass(frozen=True)
