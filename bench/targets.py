@@ -270,9 +270,10 @@ class AgentfsTarget(Target):
     """
 
     name = "agentfs"
-    description = "agentfs (Python, pyfuse3)"
+    description = "agentfs (Python, pyfuse3; built-in default policy)"
     fuse = True
     branch = "bench"
+    policy_text: str | None = None  # None: the built-in default policy
 
     def __init__(self, executable: Path | None = None) -> None:
         self.executable = executable or self.default_executable()
@@ -299,10 +300,18 @@ class AgentfsTarget(Target):
     def _cli(self, *args: str | Path, setup: Setup) -> None:
         run([self.executable, *args], timeout=MOUNT_TIMEOUT, log=setup.log)
 
+    def _policy_args(self, setup: Setup) -> list[str | Path]:
+        if self.policy_text is None:
+            return []
+        path = setup.dir / "policy.yaml"
+        path.write_text(self.policy_text)
+        return ["--policy", path]
+
     def _mount(self, setup: Setup) -> Path:
         self._cli("init", setup.lower, "--store", setup.store, setup=setup)
         self._cli("branch", "create", self.branch, "--store", setup.store, setup=setup)
-        self._cli("mount", setup.mnt, "--branch", self.branch, "--store", setup.store, setup=setup)
+        self._cli("mount", setup.mnt, "--branch", self.branch, "--store", setup.store,
+                  *self._policy_args(setup), setup=setup)
         # The contract says mount returns once ready; verify rather than trust it.
         if not wait_for_mount(setup.mnt, timeout=10):
             raise CommandError("agentfs mount returned but nothing is mounted")
@@ -336,6 +345,29 @@ class AgentfsPerProcessTarget(AgentfsTarget):
         return setup.mnt
 
 
+class AgentfsAllowAllTarget(AgentfsTarget):
+    """agentfs with a policy that allows everything: no check is ever evaluated, the
+    baseline for what policy enforcement costs."""
+
+    name = "agentfs-allow"
+    description = "agentfs, allow-all policy (no checks)"
+    policy_text = "version: 1\nname: allow-all\ndefaults: {read: allow, write: allow}\n"
+
+
+class AgentfsBigPolicyTarget(AgentfsTarget):
+    """agentfs with a 200-rule policy (bench.policy.big_policy): every operation is
+    checked, none is denied."""
+
+    name = "agentfs-200"
+    description = "agentfs, 200-rule policy"
+
+    @property
+    def policy_text(self) -> str:  # type: ignore[override]
+        from bench.policy import big_policy
+
+        return big_policy(200)
+
+
 def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
     """Targets in report order: baseline first, the system under test last."""
     return [
@@ -345,4 +377,6 @@ def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
         UnionfsFuseTarget(),
         AgentfsTarget(agentfs_executable),
         AgentfsPerProcessTarget(agentfs_executable),
+        AgentfsAllowAllTarget(agentfs_executable),
+        AgentfsBigPolicyTarget(agentfs_executable),
     ]

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from mountutil import cli_env, run_cli
 
@@ -80,6 +80,41 @@ patterns = st.lists(pattern_segments, min_size=1, max_size=4).map("/".join)
 @given(pattern=patterns, path=paths)
 def test_compiled_glob_agrees_with_reference(pattern: str, path: str) -> None:
     assert bool(compile_glob(pattern).fullmatch(path)) == _reference(pattern, path)
+
+
+def _policy_text(rules: list[tuple[list[str], str, str]]) -> str:
+    lines = ["version: 1", "defaults: {read: allow, write: allow}", "rules:"]
+    for i, (globs, decision, who) in enumerate(rules):
+        lines += [f"  - id: r{i}", f"    priority: {i % 3}",
+                  f"    paths: {globs!r}".replace("'", '"'), "    ops: [open_read, unlink]",
+                  f"    decision: {decision}"]
+        if who:
+            lines.append(f"    who: {{exe: [{who!r}]}}".replace("'", '"'))
+    return "\n".join(lines) + "\n"
+
+
+rule_sets = st.lists(st.tuples(st.lists(patterns, min_size=1, max_size=3),
+                               st.sampled_from(["deny", "allow", "ask", "audit"]),
+                               st.sampled_from(["", "/bin/*", "!/bin/sh"])),
+                     min_size=1, max_size=8)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(rules=rule_sets, path=paths, exe=st.sampled_from(["/bin/sh", "/bin/git", "/x"]))
+@example(rules=[(["**/*.c"], "deny", "")], path="b/a.c", exe="/x")
+@example(rules=[(["a/**"], "allow", ""), (["**/.x"], "deny", "/bin/*")], path="a/.x",
+         exe="/bin/sh")
+def test_indexed_decisions_agree_with_trying_every_rule(
+        rules: list[tuple[list[str], str, str]], path: str, exe: str) -> None:
+    """The rule index and decision cache never change an answer: compare with the
+    rule-by-rule reference (`explain`) on random policies, paths and callers."""
+    engine = PolicyEngine(parse_policy(_policy_text(rules), "<random>"))
+    caller = Caller(exe=exe)
+    for op in ("open_read", "unlink"):
+        fast, slow = engine.decide(op, path, caller), engine.explain(op, path, caller)
+        assert (fast.decision, fast.rule) == (slow.decision, slow.rule)
+        again = engine.decide(op, path, caller)
+        assert (again.decision, again.rule) == (slow.decision, slow.rule)
 
 
 POLICY = """\

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 
 from agentfs.policy.globs import may_match_below, normalize
+from agentfs.policy.index import RuleIndex
 from agentfs.policy.loader import parse_policy
 from agentfs.policy.model import NOBODY, OPS, READ_OPS, Caller, Decision, Policy, Rule
 
@@ -32,6 +33,7 @@ class PolicyEngine:
         """Swap in a new policy (a reload); cached decisions are dropped."""
         self.policy = policy
         self._cache.clear()
+        self._per_op: dict[str, RuleIndex] = {}
         restricted = {op for op in OPS
                       if (policy.defaults.read if op in READ_OPS else policy.defaults.write)
                       != "allow"}
@@ -66,11 +68,28 @@ class PolicyEngine:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        decision = self.explain(op, path, caller)
+        decision = self._evaluate(op, normalize(path), caller)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = decision
         return decision
+
+    def _evaluate(self, op: str, norm: str, caller: Caller) -> Decision:
+        """First matching rule among the candidates the index offers (in priority
+        order); the defaults if none."""
+        index = self._per_op.get(op)
+        if index is None:
+            index = self._per_op[op] = RuleIndex([r for r in self.policy.rules if op in r.ops])
+        p = self.policy
+        for i in index.candidates(norm):
+            rule = index.rules[i]
+            if rule.path_regex.fullmatch(norm) and (not rule.who
+                                                    or not _who_mismatch(rule, caller)):
+                message = rule.message.replace("{op}", op).replace("{path}", norm)
+                return Decision(rule.decision, rule.id, p.defaults.deny_errno, message,
+                                p.sha256)
+        default = p.defaults.read if op in READ_OPS else p.defaults.write
+        return Decision(default, None, p.defaults.deny_errno, "", p.sha256)
 
     def explain(self, op: str, path: str, caller: Caller = NOBODY) -> Decision:
         """The decision with the trace of every rule tried (uncached)."""
@@ -99,15 +118,18 @@ class PolicyEngine:
 
 
 def _who_mismatch(rule: Rule, caller: Caller) -> str:
-    """'' when every caller predicate of *rule* holds, else which one failed."""
+    """'' when every caller predicate of *rule* holds, else which one failed.
+
+    Per key: at least one of the positive values matches (they are alternatives) and
+    none of the negated ones does (`exe: ["/usr/bin/*", "!/usr/bin/sudo"]`)."""
     for key, matchers in rule.who:
         values = _caller_values(key, caller)
-        # each listed matcher must hold: positive ones for some value, negated for all
+        positive = [m for m in matchers if not m.negate]
+        if positive and not any(m.matches(v) for m in positive for v in values):
+            return f"{key} matches none of {[m.text for m in positive]}"
         for m in matchers:
-            ok = (all(m.matches(v) for v in values) if m.negate
-                  else any(m.matches(v) for v in values))
-            if not ok:
-                return f"{key} does not match {m.text!r}"
+            if m.negate and not all(m.matches(v) for v in values):
+                return f"{key} matches {m.text[1:]!r}"
     return ""
 
 

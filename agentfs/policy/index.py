@@ -1,0 +1,67 @@
+"""Which rules can possibly match a path, found without trying each rule's regex.
+
+Almost every glob in a real policy names something literal: a whole segment
+(`vault/**`, `**/.ssh/**`, `**/.env`) or an extension (`**/*.pem`).  A path can only
+match such a glob if one of its segments is that literal, or ends with that
+extension, so rules are filed under those keys and a path looks up its own segments
+and extensions (a handful of dict lookups).  Globs with nothing literal to file them
+under are candidates for every path.  The candidates are then confirmed with their
+regex, in priority order, so the index changes the cost, never the answer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from agentfs.policy.model import Rule
+
+_WILD: Final = re.compile(r"[*?\[{\\]")
+_EXT_GLOB: Final = re.compile(r"^\*(\.[^*?\[{}\\/]+)$")
+
+
+def glob_key(glob: str) -> tuple[str, str] | None:
+    """('seg', name) or ('ext', '.ext') that every match must contain, or None."""
+    if "{" in glob:
+        return None  # alternatives may span segments
+    best: tuple[str, str] | None = None
+    for seg in glob.lstrip("/").split("/"):
+        if seg and seg != "**" and not _WILD.search(seg):
+            return ("seg", seg)
+        m = _EXT_GLOB.match(seg)
+        if m and best is None:
+            best = ("ext", m.group(1))
+    return best
+
+
+class RuleIndex:
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        self._segs: dict[str, list[int]] = {}
+        self._exts: dict[str, list[int]] = {}
+        always: set[int] = set()
+        for i, rule in enumerate(rules):
+            keys = [glob_key(g) for g in rule.paths]
+            if any(k is None for k in keys):
+                always.add(i)
+                continue
+            for kind, value in {k for k in keys if k is not None}:
+                (self._segs if kind == "seg" else self._exts).setdefault(value, []).append(i)
+        self._always = sorted(always)
+
+    def candidates(self, path: str) -> list[int]:
+        """Positions (in priority order) of the rules that might match *path*."""
+        found = set(self._always)
+        segs, exts = self._segs, self._exts
+        for seg in path.split("/"):
+            hit = segs.get(seg)
+            if hit:
+                found.update(hit)
+            if exts:
+                dot = seg.find(".")
+                while dot >= 0:
+                    hit = exts.get(seg[dot:])
+                    if hit:
+                        found.update(hit)
+                    dot = seg.find(".", dot + 1)
+        return sorted(found)
