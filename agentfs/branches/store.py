@@ -172,6 +172,10 @@ class Store:
             row = s.get(StoreInfo, key)
             return row.value if row else None
 
+    def set_info(self, key: str, value: str) -> None:
+        with self.session() as s:
+            s.merge(StoreInfo(key=key, value=value))
+
     def layer_dir(self, layer_id: int) -> Path:
         return self.root / "layers" / str(layer_id)
 

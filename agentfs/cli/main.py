@@ -14,6 +14,7 @@ from agentfs.cli import (
     policy_cmds,
     session_cmds,
     store_cmds,
+    trash_cmds,
 )
 from agentfs.errors import UserError
 
@@ -42,6 +43,7 @@ app.command("approve")(approval_cmds.approve)
 app.command("deny")(approval_cmds.deny)
 app.add_typer(branch.app, name="branch")
 app.add_typer(policy_cmds.app, name="policy")
+app.add_typer(trash_cmds.app, name="trash")
 
 
 def hoist_store_option(argv: list[str]) -> list[str]:

@@ -15,6 +15,7 @@ from agentfs.policy.engine import DEFAULT_POLICY, PolicyEngine, default_policy
 from agentfs.policy.lint import shadowed
 from agentfs.policy.loader import load_policy
 from agentfs.policy.model import OPS, Caller, Policy
+from agentfs.proc import ancestors_of, comm_of, environ_of, exe_of
 
 app = typer.Typer(help="Check, lint and test policy files.", no_args_is_help=True)
 
@@ -30,13 +31,23 @@ def check(file: str = typer.Argument(..., help="a policy file, or 'default'"),
           exe: str = typer.Option("", "--exe"), comm: str = typer.Option("", "--comm"),
           uid: int = typer.Option(-1, "--uid"), branch: str = typer.Option("", "--branch"),
           session: str = typer.Option("", "--session"),
+          pid: int = typer.Option(0, "--pid", help="take exe, comm, uid, ancestors and env "
+                                                   "from this running process"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the decision for OP on PATH and the rules tried."""
     if op not in OPS:
         raise UserError(f"unknown operation {op!r} (one of {', '.join(sorted(OPS))})")
     policy = _load(file)
-    d = PolicyEngine(policy).explain(op, path, Caller(exe=exe, comm=comm, uid=uid,
-                                                       branch=branch, session=session))
+    if pid:
+        if not Path(f"/proc/{pid}").exists():
+            raise UserError(f"no process {pid}")
+        caller = Caller(pid=pid, exe=exe or exe_of(pid), comm=comm or comm_of(pid),
+                        uid=uid if uid >= 0 else Path(f"/proc/{pid}").stat().st_uid,
+                        ancestors=ancestors_of(pid), env=environ_of(pid), branch=branch,
+                        session=session)
+    else:
+        caller = Caller(exe=exe, comm=comm, uid=uid, branch=branch, session=session)
+    d = PolicyEngine(policy).explain(op, path, caller)
     if as_json:
         print_json({"decision": d.decision, "rule": d.rule, "errno": d.errno,
                     "message": d.message, "policy_sha256": d.policy_sha256,

@@ -35,9 +35,11 @@ from agentfs.policy.callers import CallerResolver
 from agentfs.policy.guard import Guard
 from agentfs.policy.source import PolicySource
 from agentfs.proc import parent_pid, thread_group
+from agentfs.trash.service import Trash
 
 log = logging.getLogger(__name__)
 POLICY_POLL = 1.0  # seconds between looks at the policy files' mtimes
+TRASH_PURGE_EVERY = 600.0  # seconds between applications of the trash retention limits
 
 
 def fuse_options(debug: bool) -> set[str]:
@@ -75,6 +77,7 @@ class Daemon:
         self.policy = PolicySource(config.policy_path)
         self.broker = ApprovalBroker(str(os.getpid()))
         self.callers = CallerResolver()
+        self.trash = Trash(store)
         self.ops: AgentfsOperations | PerProcessOperations
         if config.per_process:
             for name in filter(None, [config.default_branch]):
@@ -87,6 +90,8 @@ class Daemon:
             self.ops = AgentfsOperations(overlay, guard=self._guard(overlay, config.branch))
 
     def _guard(self, overlay: Overlay, branch: str) -> Guard:
+        """Policy and trash for a newly opened branch view."""
+        overlay.trash = self.trash.sink(branch)
         sessions = self.sessions if self.config.per_process else None
         return Guard(overlay, self.policy, self.broker, self.callers, branch, sessions)
 
@@ -117,6 +122,24 @@ class Daemon:
         if errors:
             return {"ok": False, "error": "; ".join(errors), "sha256": self.policy.sha256}
         return {"ok": True, "sha256": self.policy.sha256, "changed": changed}
+
+    def _view_of(self, branch: str) -> AgentfsOperations | None:
+        if isinstance(self.ops, PerProcessOperations):
+            self.store.branch(branch)
+            return self.ops.view(branch)
+        return self.ops if branch == self.config.branch else None
+
+    def _restore(self, branch: str, item_id: str, to: Any, force: bool) -> dict[str, Any]:
+        view = self._view_of(branch)
+        if view is None:
+            return {"ok": False, "error": f"this mount does not show branch {branch}"}
+        try:
+            result = self.trash.restore_into(view.ov, item_id, None if to is None else str(to),
+                                             force)
+        except UserError as exc:
+            return {"ok": False, "error": str(exc)}
+        view.drop_kernel_entry(result.path)
+        return {"ok": True, **result.__dict__}
 
     def _may_answer(self, peer_pid: int, ticket_pid: int) -> str:
         """'' if the peer may answer a question asked by *ticket_pid*, else why not."""
@@ -163,6 +186,9 @@ class Daemon:
             except ValueError as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True, "id": ticket.id}
+        if op == "trash_restore":
+            return self._restore(str(req["branch"]), str(req["id"]), req.get("to"),
+                                 bool(req.get("force")))
         if op == "sessions":
             return {"ok": True, "sessions": [
                 {"pid": s.pid, "branch": s.branch, "command": s.command,
@@ -199,6 +225,17 @@ class Daemon:
                         pyfuse3.terminate()
                         return
 
+            async def keep_trash_in_bounds() -> None:
+                while True:
+                    try:
+                        gone = await trio.to_thread.run_sync(
+                            lambda: self.trash.purge(None, None, False))
+                        if gone:
+                            log.info("trash retention: purged %d entries", len(gone))
+                    except Exception:
+                        log.exception("trash retention failed")
+                    await trio.sleep(TRASH_PURGE_EVERY)
+
             async def watch_policy_files() -> None:
                 while True:
                     await trio.sleep(POLICY_POLL)
@@ -212,6 +249,7 @@ class Daemon:
 
             nursery.start_soon(on_signal)
             nursery.start_soon(watch_policy_files)
+            nursery.start_soon(keep_trash_in_bounds)
             nursery.start_soon(end_sessions)
             nursery.start_soon(control.serve,
                                control.socket_path(self.config.store_root, os.getpid()),
@@ -224,6 +262,7 @@ class Daemon:
             self.ops.close()
         else:
             self.ops.ov.close()
+        self.trash.close()
 
 
 def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:

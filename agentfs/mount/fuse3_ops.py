@@ -22,6 +22,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import pyfuse3
 
+from agentfs.context import CALLER
 from agentfs.errors import FsError
 from agentfs.mount.asking import settle
 from agentfs.overlay.attrs import Attr
@@ -122,12 +123,18 @@ class AgentfsOperations(pyfuse3.Operations):
             await settle(verdict, self.guard.broker, ctx.pid if ctx is not None else 0)
 
     async def _check(self, ctx: Any, *checks: tuple[str, str]) -> None:
+        CALLER.set((_pid(ctx), _uid(ctx)))
         if self.guard is not None:
             await self._settle(self.guard.check(_pid(ctx), _uid(ctx), checks), ctx)
 
     async def _check_object(self, ctx: Any, ops: list[str], path: str) -> None:
+        CALLER.set((_pid(ctx), _uid(ctx)))
         if self.guard is not None and ops:
-            await self._settle(self.guard.check_object(_pid(ctx), _uid(ctx), ops, path), ctx)
+            verdict = self.guard.check_object(_pid(ctx), _uid(ctx), ops, path)
+            await self._settle(verdict, ctx)
+            if (verdict.decision is not None and verdict.decision.decision == "soft_delete"
+                    and verdict.op == "truncate"):
+                self.ov.preserve(path)
 
     def _restricts(self, ctx: Any, op: str) -> bool:
         return self.guard is not None and op in self.guard.restricted(_pid(ctx))
@@ -136,6 +143,17 @@ class AgentfsOperations(pyfuse3.Operations):
              ) -> pyfuse3.EntryAttributes:
         self.ov.inodes.remember(attr.ino, path)
         return self._entry(attr, parent)
+
+    def drop_kernel_entry(self, path: str) -> None:
+        """Make the kernel look *path* up again (it may hold a negative entry for it)."""
+        if not path:
+            return
+        parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+        for ino, node in self.ov.inodes.nodes.items():
+            if parent in node.paths:
+                pyfuse3.invalidate_entry_async(self.space.export(ino), os.fsencode(name),
+                                               ignore_enoent=True)
+                return
 
     def drop_kernel_entries(self) -> None:
         """Make the kernel look every known name up again (after a policy reload that
@@ -265,6 +283,7 @@ class AgentfsOperations(pyfuse3.Operations):
         src = self._path(parent_inode_old, name_old)
         dst = self._path(parent_inode_new, name_new)
         exchange = bool(flags & RENAME_EXCHANGE)
+        CALLER.set((_pid(ctx), _uid(ctx)))
         if self.guard is not None:
             await self._settle(
                 self.guard.check_rename(_pid(ctx), _uid(ctx), src, dst, exchange), ctx)

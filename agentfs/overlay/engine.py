@@ -23,7 +23,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from agentfs.errors import FsError
 from agentfs.overlay import copyup
@@ -51,6 +51,31 @@ class Handle:
     on_top: bool
 
 
+class TrashHook(Protocol):
+    """Where content goes instead of being destroyed (implemented by agentfs.trash).
+
+    *held*: the branch's own copy of *path*, about to be destroyed: `take` moves it
+    (or, with link=True, hard-links it, when the name is about to be replaced in one
+    atomic rename).  *hidden*: content below the top layer, now covered by a whiteout.
+    *kept_open*: a deleted file that is still open lives on as an orphan; it is linked
+    into the trash at once and `closed` is told when the last handle goes."""
+
+    def take(self, path: str, host: HostDir, rel: str, st: os.stat_result, reason: str,
+             link: bool = False) -> None: ...
+
+    def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str) -> None: ...
+
+    def kept_open(self, path: str, ino: int, host: HostDir, rel: str, st: os.stat_result,
+                  reason: str) -> None: ...
+
+    def closed(self, ino: int) -> None: ...
+
+    def dir_removed(self, path: str, layer: Layer, host: HostDir, rel: str,
+                    reason: str) -> None: ...
+
+    def copied(self, path: str, host: HostDir, rel: str, reason: str) -> None: ...
+
+
 class Overlay:
     """A merged, copy-on-write view of a layer stack."""
 
@@ -70,6 +95,8 @@ class Overlay:
         self._dir_nlink: dict[str, int] = {}
         self._frozen_attrs: dict[tuple[str, int, str], Attr] = {}
         self._listings: dict[str, tuple[str, ...]] = {}  # dir path -> visible names
+        self.trash: TrashHook | None = None   # None: deleted content is destroyed
+        self._reason = "unlink"
         self._prepare_work()
 
     def _prepare_work(self) -> None:
@@ -375,32 +402,44 @@ class Overlay:
                 self.work.rename_to(tmp, self.tree, path)
                 return
             self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
-            self._discard(tmp, st, ino)
+            self._discard(tmp, st, ino, path)
         elif st is not None:
             if stat.S_ISDIR(st.st_mode):
                 self.tree.remove_tree(path)
                 self.top.drop_meta(st.st_ino)
             elif self._pinned(ino) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                self._orphan(self.tree, path, ino)
+                self._orphan(self.tree, path, ino, path)
             else:
-                self.tree.unlink(path)
-                self.top.drop_meta(st.st_ino)
+                self._bury(self.tree, path, st, path)
 
-    def _discard(self, work_rel: str, st: os.stat_result, ino: int) -> None:
+    def _discard(self, work_rel: str, st: os.stat_result, ino: int, path: str) -> None:
         if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._pinned(ino):
-            self._orphan(self.work, work_rel, ino)
-        else:
+            self._orphan(self.work, work_rel, ino, path)
+        elif stat.S_ISDIR(st.st_mode):
             self.work.remove_tree(work_rel)
             self.top.drop_meta(st.st_ino)
+        else:
+            self._bury(self.work, work_rel, st, path)
+
+    def _bury(self, host: HostDir, rel: str, st: os.stat_result, path: str) -> None:
+        """Destroy a non-directory of the top layer: into the trash if its last name."""
+        if self.trash is not None and st.st_nlink == 1:
+            self.trash.take(path, host, rel, st, self._reason)
+        else:
+            host.unlink(rel)
+        self.top.drop_meta(st.st_ino)
 
     def _pinned(self, ino: int) -> bool:
         return self.inodes.referenced(ino) or bool(self._by_ino.get(ino))
 
-    def _orphan(self, host: HostDir, rel: str, ino: int) -> None:
+    def _orphan(self, host: HostDir, rel: str, ino: int, path: str) -> None:
         """Keep an unlinked-but-referenced file alive (so its host inode isn't reused)."""
         name = f"{_ORPHANS}/{ino}.{copyup.temp_name()}"
         host.rename_to(rel, self.work, name)
         self._orphans[ino] = name
+        if self.trash is not None:
+            self.trash.kept_open(path, ino, self.work, name, self.work.lstat(name),
+                                 self._reason)
 
     def _reap(self, ino: int) -> None:
         if self._pinned(ino):
@@ -411,6 +450,8 @@ class Overlay:
             self.work.unlink(name)
             if st is not None:
                 self.top.drop_meta(st.st_ino)
+            if self.trash is not None:
+                self.trash.closed(ino)
 
     # ----------------------------------------------------- creating objects
     def _prepare_new(self, path: str) -> None:
@@ -549,9 +590,13 @@ class Overlay:
         if loc.is_dir:
             raise FsError(errno.EISDIR)
         attr = self._attr(path, loc)
+        if self.trash is not None and loc.layer > 0 and not (
+                loc.kind == stat.S_IFREG and loc.lower_nlink > 1):
+            self.trash.hidden(path, self.layers[loc.layer], loc.host, loc.rel, "unlink")
         self._release_lower_name(path, loc)
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
+        self._reason = "unlink"
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino,
                               self.base_stamp(loc, path))
         self._invalidate(path)
@@ -566,11 +611,59 @@ class Overlay:
         if self.listdir(path):
             raise FsError(errno.ENOTEMPTY)
         attr = self._attr(path, loc)
+        if self.trash is not None:
+            self.trash.dir_removed(path, self.layers[loc.layer], loc.host, loc.rel, "rmdir")
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
         self._invalidate(path, subtree=True)
         self.inodes.unlinked(attr.ino, path)
+
+    # --------------------------------------------------------- restoring
+    @contextlib.contextmanager
+    def trash_paused(self) -> Iterator[None]:
+        """Removals inside are final (restore hides what another item already holds)."""
+        saved, self.trash = self.trash, None
+        try:
+            yield
+        finally:
+            self.trash = saved
+
+    def preserve(self, path: str, reason: str = "truncate") -> None:
+        """Keep a copy of a file's current content in the trash (before a truncation
+        the policy marks soft_delete)."""
+        if self.trash is None:
+            return
+        loc = self._locate(path)
+        if loc.kind == stat.S_IFREG and loc.host.lstat(loc.rel).st_size > 0:
+            self.trash.copied(path, loc.host, loc.rel, reason)
+
+    def reveal(self, path: str) -> bool:
+        """Drop the whiteout at *path* so what lies below shows again (True if done)."""
+        st = self.tree.try_lstat(path)
+        if st is None or not self.top.is_whiteout(path, st) or not self.resolver.lower_exists(
+                path):
+            return False
+        self.tree.unlink(path)
+        self.top.drop_meta(st.st_ino)
+        self._invalidate(path, subtree=True)
+        return True
+
+    def adopt(self, path: str, host: HostDir, rel: str) -> Attr:
+        """Move a host object (a restored trash item) into the view at *path*."""
+        self._prepare_new(path)
+        self._place(path, lambda h, r: host.rename_to(rel, h, r))
+        return self.getattr(path)
+
+    def remove_tree(self, path: str) -> None:
+        """`rm -rf` through the engine (each removal goes where removals go)."""
+        loc = self._locate(path)
+        if loc.is_dir:
+            for name in self.listdir(path):
+                self.remove_tree(join(path, name))
+            self.rmdir(path)
+        else:
+            self.unlink(path)
 
     # --------------------------------------------------------- rename
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
@@ -622,6 +715,13 @@ class Overlay:
             self._moved(src, dst, exchange=True)
             return
         replaced_ino = self.getattr(dst).ino if dloc is not None else 0
+        if self.trash is not None and dloc is not None:
+            if dloc.is_dir:
+                self.trash.dir_removed(dst, self.layers[dloc.layer], dloc.host, dloc.rel,
+                                       "rename_over")
+            elif dloc.layer > 0 and not (dloc.kind == stat.S_IFREG and dloc.lower_nlink > 1):
+                self.trash.hidden(dst, self.layers[dloc.layer], dloc.host, dloc.rel,
+                                  "rename_over")
         if dloc is not None and not dloc.is_dir:
             self._release_lower_name(dst, dloc)
         dst_st = self.tree.try_lstat(dst)
@@ -633,7 +733,12 @@ class Overlay:
                 self.tree.remove_tree(dst)  # empty in the view: only whiteouts inside
             elif (stat.S_ISREG(dst_st.st_mode) and dst_st.st_nlink == 1
                   and self._pinned(replaced_ino)):
-                self._orphan(self.tree, dst, replaced_ino)
+                self._reason = "rename_over"
+                self._orphan(self.tree, dst, replaced_ino, dst)
+            elif (self.trash is not None and dst_st.st_nlink == 1
+                  and not self.top.is_whiteout(dst, dst_st)):
+                # linked, not moved: the rename below replaces the name atomically
+                self.trash.take(dst, self.tree, dst, dst_st, "rename_over", link=True)
             if not stat.S_ISDIR(dst_st.st_mode):
                 self.top.drop_meta(dst_st.st_ino)
         if dst_st is not None and sloc.is_dir and not stat.S_ISDIR(dst_st.st_mode):

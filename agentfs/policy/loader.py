@@ -28,11 +28,11 @@ from agentfs.policy.model import (
     Rule,
     ValueMatcher,
 )
+from agentfs.units import parse_duration
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOP_KEYS = {"version", "name", "vars", "defaults", "approval", "rules"}
 _RULE_KEYS = {"id", "priority", "paths", "ops", "decision", "message", "who"}
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$")
 
 
 class PolicyError(UserError):
@@ -164,14 +164,6 @@ def _defaults(ctx: _Ctx, node: yaml.Node) -> Defaults:
                     on_error=_decision(ctx, m["on_error"][1], "defaults.on_error")
                     if "on_error" in m else "deny",
                     deny_errno=ERRNOS[errno_name])
-
-
-def parse_duration(text: str) -> float:
-    m = _DURATION.match(text.strip())
-    if not m:
-        raise ValueError(f"bad duration {text!r} (e.g. 30s, 2m)")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
-    return float(m.group(1)) * scale
 
 
 def _approval(ctx: _Ctx, node: yaml.Node) -> Approval:

@@ -1,0 +1,224 @@
+"""The engine's trash hook: deleted content of one branch view becomes trash items.
+
+Deletions arrive one name at a time (`rm -rf` unlinks every file, then removes the
+directories bottom-up), but a person thinks of the tree they deleted.  So each item
+is remembered by path while this view is open, and removing a directory folds the
+items below it into one tree item (their data moves into the tree's data directory),
+which restores as a whole.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import stat
+import time
+from typing import Any
+
+from agentfs.context import CALLER
+from agentfs.overlay.hostio import HostDir, join
+from agentfs.overlay.layers import MARKER, Layer
+from agentfs.proc import exe_of
+from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, TrashArea
+
+log = logging.getLogger(__name__)
+
+
+def kind_of(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    return "special"
+
+
+def sha256_of(host: HostDir, rel: str, limit: int) -> str | None:
+    """The content hash of a regular file up to *limit* bytes long (None beyond)."""
+    st = host.lstat(rel)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        return None
+    h = hashlib.sha256()
+    fd = host.open_quiet(rel, os.O_RDONLY)
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def describe(host: HostDir, rel: str, entry_rel: str, hash_limit: int) -> dict[str, Any]:
+    """Everything needed to put an object back as it was."""
+    st = host.lstat(rel)
+    entry: dict[str, Any] = {
+        "rel": entry_rel, "kind": kind_of(st.st_mode), "mode": st.st_mode, "uid": st.st_uid,
+        "gid": st.st_gid, "size": st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+        "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+        "rdev": st.st_rdev, "xattrs": {}, "sha256": None}
+    if stat.S_ISLNK(st.st_mode):
+        entry["target"] = host.readlink(rel)
+    else:
+        with contextlib.suppress(OSError):
+            for name in host.listxattr(rel):
+                if name != MARKER:
+                    entry["xattrs"][name] = base64.b64encode(host.getxattr(rel, name)).decode()
+        entry["sha256"] = sha256_of(host, rel, hash_limit)
+    return entry
+
+
+class TrashSink:
+    """Implements `agentfs.overlay.engine.TrashHook` for one branch."""
+
+    def __init__(self, area: TrashArea, branch: str,
+                 hash_limit: int = DEFAULT_HASH_LIMIT) -> None:
+        self.area = area
+        self.branch = branch
+        self.hash_limit = hash_limit
+        self._by_path: dict[str, str] = {}     # deleted path -> its (top-level) item id
+        self._open: dict[int, tuple[str, str]] = {}  # ino of a still-open file -> (item, rel)
+
+    # -- records ---------------------------------------------------------------------
+    def _record(self, item_id: str, path: str, kind: str, reason: str,
+                entries: list[dict[str, Any]], state: str = "final") -> dict[str, Any]:
+        pid, uid = CALLER.get()
+        meta = {
+            "id": item_id, "branch": self.branch, "path": path, "kind": kind,
+            "reason": reason, "state": state, "deleted_at": time.time(),
+            "pid": pid, "uid": uid, "exe": exe_of(pid) if pid > 0 else "", "entries": entries}
+        _totals(meta)
+        self.area.write(item_id, meta)
+        self._by_path[path] = item_id
+        return meta
+
+    def _new(self) -> tuple[str, str]:
+        item_id = self.area.create()
+        return item_id, f"{item_id}/{DATA}"
+
+    # -- the hook ------------------------------------------------------------------------
+    def take(self, path: str, host: HostDir, rel: str, st: os.stat_result, reason: str,
+             link: bool = False) -> None:
+        item_id, data = self._new()
+        if link:
+            host.link_to(rel, self.area.host, data)
+        else:
+            host.rename_to(rel, self.area.host, data)
+        entry = describe(self.area.host, data, "", self.hash_limit)
+        entry["held"] = True
+        self._record(item_id, path, entry["kind"], reason, [entry])
+
+    def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str) -> None:
+        item_id, _ = self._new()
+        entry = describe(host, rel, "", self.hash_limit)
+        entry["held"] = False
+        entry["source"] = _source(layer, host, rel)
+        self._record(item_id, path, entry["kind"], reason, [entry])
+
+    def kept_open(self, path: str, ino: int, host: HostDir, rel: str, st: os.stat_result,
+                  reason: str) -> None:
+        item_id, data = self._new()
+        host.link_to(rel, self.area.host, data)  # survives a crash; writes still land here
+        entry = describe(self.area.host, data, "", 0)
+        entry["held"] = True
+        self._record(item_id, path, entry["kind"], reason, [entry], state="open")
+        self._open[ino] = (item_id, "")
+
+    def closed(self, ino: int) -> None:
+        """The last handle of a deleted file is gone: record its final content."""
+        found = self._open.pop(ino, None)
+        if found is None:
+            return
+        item_id, rel = found
+        try:
+            item = self.area.get(item_id)
+        except KeyError:
+            return  # purged
+        entry = describe(self.area.host, item.data_rel(rel), rel, self.hash_limit)
+        entry["held"] = True
+        meta = item.meta
+        meta["entries"] = [entry if e["rel"] == rel else e for e in meta["entries"]]
+        _totals(meta)
+        if not any(open_id == item_id for open_id, _ in self._open.values()):
+            meta["state"] = "final"
+        self.area.write(item_id, meta)
+
+    def dir_removed(self, path: str, layer: Layer, host: HostDir, rel: str,
+                    reason: str) -> None:
+        item_id, data = self._new()
+        own = describe(host, rel, "", self.hash_limit)
+        own["held"] = False
+        own["source"] = _source(layer, host, rel)
+        os.mkdir(self.area.root / data, 0o700)
+        entries = [own]
+        state = "final"
+        prefix = path + "/"
+        for child_path in sorted(p for p in self._by_path if p.startswith(prefix)):
+            child_id = self._by_path.pop(child_path)
+            try:
+                child = self.area.get(child_id)
+            except KeyError:
+                continue
+            sub = child_path[len(prefix):]
+            src = child.dir / DATA
+            if os.path.lexists(src):
+                target = self.area.root / data / sub
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                os.rename(src, target)
+            for entry in child.meta.get("entries", []):
+                entry["rel"] = join(sub, entry["rel"]) if entry["rel"] else sub
+                entries.append(entry)
+            if child.meta.get("state") == "open":
+                state = "open"
+                for ino, (open_id, rel) in list(self._open.items()):
+                    if open_id == child_id:
+                        self._open[ino] = (item_id, join(sub, rel) if rel else sub)
+            self.area.remove(child_id)
+        self._record(item_id, path, "tree", reason, entries, state)
+
+    def copied(self, path: str, host: HostDir, rel: str, reason: str) -> None:
+        """Keep a copy of what is about to be overwritten (truncation under soft_delete)."""
+        item_id, data = self._new()
+        src = host.open_quiet(rel, os.O_RDONLY)
+        try:
+            dst = self.area.host.open(data, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                _copy_fd(src, dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        st = host.lstat(rel)
+        self.area.host.utime(data, st.st_atime_ns, st.st_mtime_ns)
+        entry = describe(self.area.host, data, "", self.hash_limit)
+        entry.update(held=True, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid)
+        self._record(item_id, path, "file", reason, [entry])
+
+
+def _totals(meta: dict[str, Any]) -> None:
+    entries = meta["entries"]
+    meta["size"] = sum(e["size"] for e in entries if e["kind"] == "file")
+    meta["held_bytes"] = sum(e["size"] for e in entries if e.get("held"))
+
+
+def _source(layer: Layer, host: HostDir, rel: str) -> dict[str, Any]:
+    where = "index" if layer.index is not None and host is layer.index else "tree"
+    return {"layer": None if layer.is_base else layer.layer_id, "host": where, "rel": rel}
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    while True:
+        try:
+            n = os.copy_file_range(src, dst, 1 << 30)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL):
+                raise
+            while chunk := os.read(src, 1 << 20):
+                os.write(dst, chunk)
+            return
+        if n == 0:
+            return
