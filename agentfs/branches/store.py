@@ -47,7 +47,7 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def _set_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+def sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -301,7 +301,7 @@ class Store:
 
 def _make_engine(db: Path) -> Engine:
     engine = create_engine(f"sqlite:///{db}")
-    event.listen(engine, "connect", _set_pragmas)
+    event.listen(engine, "connect", sqlite_pragmas)
     return engine
 
 

@@ -9,6 +9,7 @@ import typer
 
 from agentfs.cli import (
     approval_cmds,
+    audit_cmds,
     branch,
     mount_cmds,
     policy_cmds,
@@ -44,6 +45,7 @@ app.command("deny")(approval_cmds.deny)
 app.add_typer(branch.app, name="branch")
 app.add_typer(policy_cmds.app, name="policy")
 app.add_typer(trash_cmds.app, name="trash")
+app.add_typer(audit_cmds.app, name="audit")
 
 
 def hoist_store_option(argv: list[str]) -> list[str]:

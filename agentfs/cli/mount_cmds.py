@@ -30,13 +30,19 @@ def mount(ctx: typer.Context, mountpoint: Path,
           policy: str | None = typer.Option(None, "--policy",
                                             help="policy file (default: the built-in "
                                                  "policy, see `agentfs policy default`)"),
+          audit: bool = typer.Option(True, "--audit/--no-audit",
+                                     help="record every operation in the audit log"),
+          audit_strict: bool = typer.Option(False, "--audit-strict",
+                                            help="refuse operations while the audit log "
+                                                 "cannot record them"),
           debug: bool = typer.Option(False, "--debug", help="log every FUSE request")) -> None:
     """Mount a branch (or per-process views) at MOUNTPOINT; returns once it is ready."""
     store = open_store(ctx)
     what = f"branch {branch}" if branch else "per-process views"
     if not foreground:
         pid = lifecycle.start_mount(store, branch, mountpoint, debug, per_process,
-                                    default_branch, deny_unbound, policy)
+                                    default_branch, deny_unbound, policy, audit,
+                                    audit_strict)
         typer.echo(f"mounted {what} at {mountpoint.resolve()} (daemon pid {pid})")
         return
     from agentfs.mount import daemon
@@ -59,7 +65,8 @@ def mount(ctx: typer.Context, mountpoint: Path,
     config = daemon.MountConfig(store_root=store.root, mountpoint=path, branch=branch,
                                 per_process=per_process, default_branch=default_branch,
                                 deny_unbound=deny_unbound, debug=debug,
-                                policy_path=os.path.abspath(policy) if policy else None)
+                                policy_path=os.path.abspath(policy) if policy else None,
+                                audit=audit, audit_strict=audit_strict)
     code = daemon.serve(config, ready)
     if failure:
         raise UserError(failure[0])

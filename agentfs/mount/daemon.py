@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 import pyfuse3
 import trio
 
+from agentfs.audit.log import AuditLog, audit_max_age, purge_older_than
+from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
 from agentfs.errors import UserError
 from agentfs.mount import control
@@ -65,6 +68,8 @@ class MountConfig:
     debug: bool = False
     log_path: str = ""
     policy_path: str | None = None     # None: the built-in default policy
+    audit: bool = True
+    audit_strict: bool = False         # refuse operations while events cannot be recorded
 
 
 class Daemon:
@@ -78,22 +83,28 @@ class Daemon:
         self.broker = ApprovalBroker(str(os.getpid()))
         self.callers = CallerResolver()
         self.trash = Trash(store)
+        self.audit = (AuditLog(config.store_root, str(config.mountpoint), config.audit_strict)
+                      if config.audit else None)
         self.ops: AgentfsOperations | PerProcessOperations
         if config.per_process:
             for name in filter(None, [config.default_branch]):
                 store.branch(name)
             self.ops = PerProcessOperations(store, self.sessions, config.default_branch,
-                                            config.deny_unbound, self._guard)
+                                            config.deny_unbound, self._guard, self._recorder)
         else:
             assert config.branch is not None
             overlay = open_branch_view(store, config.branch)
-            self.ops = AgentfsOperations(overlay, guard=self._guard(overlay, config.branch))
+            self.ops = AgentfsOperations(overlay, guard=self._guard(overlay, config.branch),
+                                         recorder=self._recorder(config.branch))
 
     def _guard(self, overlay: Overlay, branch: str) -> Guard:
         """Policy and trash for a newly opened branch view."""
         overlay.trash = self.trash.sink(branch)
         sessions = self.sessions if self.config.per_process else None
         return Guard(overlay, self.policy, self.broker, self.callers, branch, sessions)
+
+    def _recorder(self, branch: str) -> Recorder | None:
+        return Recorder(self.audit, branch) if self.audit is not None else None
 
     def _views(self) -> list[AgentfsOperations]:
         if isinstance(self.ops, PerProcessOperations):
@@ -122,6 +133,16 @@ class Daemon:
         if errors:
             return {"ok": False, "error": "; ".join(errors), "sha256": self.policy.sha256}
         return {"ok": True, "sha256": self.policy.sha256, "changed": changed}
+
+    def apply_retention(self) -> None:
+        gone = self.trash.purge(None, None, False)
+        if gone:
+            log.info("trash retention: purged %d entries", len(gone))
+        if self.audit is not None:
+            cutoff = int((time.time() - audit_max_age(self.store)) * 1e6)
+            n = purge_older_than(self.config.store_root, cutoff)
+            if n:
+                log.info("audit retention: removed %d events", n)
 
     def _view_of(self, branch: str) -> AgentfsOperations | None:
         if isinstance(self.ops, PerProcessOperations):
@@ -228,12 +249,9 @@ class Daemon:
             async def keep_trash_in_bounds() -> None:
                 while True:
                     try:
-                        gone = await trio.to_thread.run_sync(
-                            lambda: self.trash.purge(None, None, False))
-                        if gone:
-                            log.info("trash retention: purged %d entries", len(gone))
+                        await trio.to_thread.run_sync(self.apply_retention)
                     except Exception:
-                        log.exception("trash retention failed")
+                        log.exception("trash/audit retention failed")
                     await trio.sleep(TRASH_PURGE_EVERY)
 
             async def watch_policy_files() -> None:
@@ -263,6 +281,8 @@ class Daemon:
         else:
             self.ops.ov.close()
         self.trash.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
@@ -315,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=-1)
     parser.add_argument("--log-path", default="")
     parser.add_argument("--policy")
+    parser.add_argument("--no-audit", action="store_true")
+    parser.add_argument("--audit-strict", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -331,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
                          branch=args.branch, per_process=args.per_process,
                          default_branch=args.default_branch, deny_unbound=args.deny_unbound,
                          debug=args.debug, log_path=args.log_path,
-                         policy_path=args.policy)
+                         policy_path=args.policy, audit=not args.no_audit,
+                         audit_strict=args.audit_strict)
     return serve(config, ready)
 
 

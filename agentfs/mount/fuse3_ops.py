@@ -22,6 +22,7 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import pyfuse3
 
+from agentfs.audit.recorder import HandleIO, Pending, Recorder, finish_pending
 from agentfs.context import CALLER
 from agentfs.errors import FsError
 from agentfs.mount.asking import settle
@@ -29,7 +30,7 @@ from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.hostio import join
 from agentfs.overlay.inodes import ROOT_INO
-from agentfs.policy.guard import Guard, Verdict, open_ops
+from agentfs.policy.guard import ALLOWED, Guard, Verdict, open_ops
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +41,27 @@ R = TypeVar("R")
 
 
 def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Errors to errnos, bugs to EIO (logged), and the audit event of a checked request
+    finished with its outcome."""
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            result = await fn(*args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            finish_pending(exc.errno)
             raise
         except FsError as exc:
+            finish_pending(exc.errno)
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
+            finish_pending(exc.errno or errno.EIO)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
         except Exception:
             log.exception("unexpected error in %s", fn.__name__)
+            finish_pending(errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finish_pending(0)
+        return result
     return wrapper
 
 
@@ -77,10 +86,12 @@ class AgentfsOperations(pyfuse3.Operations):
 
     def __init__(self, overlay: Overlay, cache_timeout: float = CACHE_TIMEOUT,
                  space: InodeSpace | None = None, shared_root: bool = False,
-                 guard: Guard | None = None) -> None:
+                 guard: Guard | None = None, recorder: Recorder | None = None) -> None:
         super().__init__()
         self.ov = overlay
         self.guard = guard
+        self.recorder = recorder
+        self._io: dict[int, HandleIO] = {}
         self.timeout = cache_timeout
         self.space = space or InodeSpace()
         self.shared_root = shared_root
@@ -122,19 +133,40 @@ class AgentfsOperations(pyfuse3.Operations):
             assert self.guard is not None
             await settle(verdict, self.guard.broker, ctx.pid if ctx is not None else 0)
 
-    async def _check(self, ctx: Any, *checks: tuple[str, str]) -> None:
-        CALLER.set((_pid(ctx), _uid(ctx)))
-        if self.guard is not None:
-            await self._settle(self.guard.check(_pid(ctx), _uid(ctx), checks), ctx)
+    def _begin(self, ctx: Any, op: str, path: str, verdict: Verdict, dst: str = "") -> None:
+        """Note who asks what (for the trash and the audit) before the request runs."""
+        pid, uid = _pid(ctx), _uid(ctx)
+        CALLER.set((pid, uid))
+        if self.recorder is None:
+            return
+        if self.recorder.log.refuses():
+            raise FsError(errno.EIO)  # strict audit: nothing happens unrecorded
+        sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
+        self.recorder.begin(Pending(self.recorder, op, path, dst, pid, uid, verdict, sid, sha))
 
-    async def _check_object(self, ctx: Any, ops: list[str], path: str) -> None:
-        CALLER.set((_pid(ctx), _uid(ctx)))
-        if self.guard is not None and ops:
-            verdict = self.guard.check_object(_pid(ctx), _uid(ctx), ops, path)
-            await self._settle(verdict, ctx)
-            if (verdict.decision is not None and verdict.decision.decision == "soft_delete"
-                    and verdict.op == "truncate"):
-                self.ov.preserve(path)
+    async def _check(self, ctx: Any, *checks: tuple[str, str]) -> None:
+        verdict = (self.guard.check(_pid(ctx), _uid(ctx), checks) if self.guard is not None
+                   else ALLOWED)
+        self._begin(ctx, checks[0][0], checks[0][1], verdict)
+        await self._settle(verdict, ctx)
+
+    async def _check_object(self, ctx: Any, ops: list[str], path: str,
+                            event: str | None = None) -> None:
+        if not ops:
+            return
+        verdict = (self.guard.check_object(_pid(ctx), _uid(ctx), ops, path)
+                   if self.guard is not None else ALLOWED)
+        self._begin(ctx, event or ops[0], path, verdict)
+        await self._settle(verdict, ctx)
+        if (verdict.decision is not None and verdict.decision.decision == "soft_delete"
+                and verdict.op == "truncate"):
+            self.ov.preserve(path)
+
+    def _opened(self, fh: int, path: str, ctx: Any) -> None:
+        if self.recorder is not None:
+            pid = _pid(ctx)
+            sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
+            self._io[fh] = HandleIO(path, pid, _uid(ctx), sid, sha)
 
     def _restricts(self, ctx: Any, op: str) -> bool:
         return self.guard is not None and op in self.guard.restricted(_pid(ctx))
@@ -258,8 +290,10 @@ class AgentfsOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         dst = self._path(new_parent_inode, new_name)
         src = self._path(inode)
-        if self.guard is not None:
-            await self._settle(self.guard.check_link(_pid(ctx), _uid(ctx), src, dst), ctx)
+        verdict = (self.guard.check_link(_pid(ctx), _uid(ctx), src, dst)
+                   if self.guard is not None else ALLOWED)
+        self._begin(ctx, "link", src, verdict, dst)
+        await self._settle(verdict, ctx)
         attr = self.ov.link(src, dst)
         if self.guard is not None:
             self.guard.linked(attr.ino, dst)
@@ -283,10 +317,10 @@ class AgentfsOperations(pyfuse3.Operations):
         src = self._path(parent_inode_old, name_old)
         dst = self._path(parent_inode_new, name_new)
         exchange = bool(flags & RENAME_EXCHANGE)
-        CALLER.set((_pid(ctx), _uid(ctx)))
-        if self.guard is not None:
-            await self._settle(
-                self.guard.check_rename(_pid(ctx), _uid(ctx), src, dst, exchange), ctx)
+        verdict = (self.guard.check_rename(_pid(ctx), _uid(ctx), src, dst, exchange)
+                   if self.guard is not None else ALLOWED)
+        self._begin(ctx, "rename", src, verdict, dst)
+        await self._settle(verdict, ctx)
         self.ov.rename(src, dst, flags)
         if self.guard is not None:
             self.guard.renamed(src, dst, exchange)
@@ -295,9 +329,9 @@ class AgentfsOperations(pyfuse3.Operations):
     @_boundary
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
         path = self._path(inode)
-        if self.guard is not None:
-            await self._check_object(ctx, open_ops(flags), path)
+        await self._check_object(ctx, open_ops(flags), path, "open")
         fh = self.ov.open(path, flags)
+        self._opened(fh, path, ctx)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_boundary
@@ -306,16 +340,27 @@ class AgentfsOperations(pyfuse3.Operations):
         path = self._path(parent_inode, name)
         await self._check(ctx, ("create", path), ("open_write", path), ("write", path))
         fh, attr = self.ov.create(path, flags, mode, ctx.uid, ctx.gid)
+        self._opened(fh, path, ctx)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new(
             path, attr, self.space.local(parent_inode))
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return self.ov.read(fh, off, size)
+        data = self.ov.read(fh, off, size)
+        io = self._io.get(fh)
+        if io is not None:
+            io.reads += 1
+            io.read_bytes += len(data)
+        return data
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.ov.write(fh, off, buf)
+        n = self.ov.write(fh, off, buf)
+        io = self._io.get(fh)
+        if io is not None:
+            io.writes += 1
+            io.written += n
+        return n
 
     @_boundary
     async def flush(self, fh: int) -> None:
@@ -328,6 +373,9 @@ class AgentfsOperations(pyfuse3.Operations):
     @_boundary
     async def release(self, fh: int) -> None:
         self.ov.release(fh)
+        io = self._io.pop(fh, None)
+        if io is not None and self.recorder is not None:
+            self.recorder.handle_closed(io)
 
     # -- directories ------------------------------------------------------------
     @_boundary

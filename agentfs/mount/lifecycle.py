@@ -49,8 +49,13 @@ def check_mountpoint(mountpoint: Path) -> str:
 
 
 def daemon_args(branch: str | None, per_process: bool, default_branch: str | None,
-                deny_unbound: bool, debug: bool, policy: str | None = None) -> list[str]:
+                deny_unbound: bool, debug: bool, policy: str | None = None,
+                audit: bool = True, audit_strict: bool = False) -> list[str]:
     args = ["--branch", branch] if branch else []
+    if not audit:
+        args.append("--no-audit")
+    if audit_strict:
+        args.append("--audit-strict")
     if policy:
         args += ["--policy", os.path.abspath(policy)]
     if per_process:
@@ -79,7 +84,8 @@ def check_mode(store: Store, branch: str | None, per_process: bool,
 
 def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool = False,
                 per_process: bool = False, default_branch: str | None = None,
-                deny_unbound: bool = False, policy: str | None = None) -> int:
+                deny_unbound: bool = False, policy: str | None = None, audit: bool = True,
+                audit_strict: bool = False) -> int:
     """Start a background daemon and return its pid once the mount is ready."""
     check_mode(store, branch, per_process, default_branch, deny_unbound)
     if policy:
@@ -90,7 +96,8 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "agentfs.mount.daemon", "--store", str(store.root),
            "--mountpoint", path, "--ready-fd", str(w), "--log-path", str(log_path),
-           *daemon_args(branch, per_process, default_branch, deny_unbound, debug, policy)]
+           *daemon_args(branch, per_process, default_branch, deny_unbound, debug, policy,
+                         audit, audit_strict)]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, pass_fds=(w,),

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyfuse3
 
+from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
 from agentfs.mount.fuse3_ops import AgentfsOperations, InodeSpace, _boundary
 from agentfs.mount.sessions import SessionTable
@@ -74,9 +75,11 @@ class PerProcessOperations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, store: Store, sessions: SessionTable, default_branch: str | None,
-                 deny_unbound: bool, make_guard: GuardFactory | None = None) -> None:
+                 deny_unbound: bool, make_guard: GuardFactory | None = None,
+                 make_recorder: Callable[[str], Recorder | None] | None = None) -> None:
         super().__init__()
         self.make_guard = make_guard
+        self.make_recorder = make_recorder
         self.store = store
         self.sessions = sessions
         self.default_branch = default_branch
@@ -94,8 +97,9 @@ class PerProcessOperations(pyfuse3.Operations):
             slot = len(self._slots)
             overlay = open_branch_view(self.store, branch)
             guard = self.make_guard(overlay, branch) if self.make_guard else None
+            recorder = self.make_recorder(branch) if self.make_recorder else None
             ops = AgentfsOperations(overlay, space=BranchSpace(self.inodes, slot),
-                                    shared_root=True, guard=guard)
+                                    shared_root=True, guard=guard, recorder=recorder)
             self.views[branch] = ops
             self._slots.append(ops)
             log.info("opened branch %s for per-process mount", branch)

@@ -93,6 +93,13 @@ class Guard:
             return session.policy.engine
         return self.source.engine
 
+    def caller_facts(self, pid: int) -> tuple[str, str]:
+        """(session id, sha256 of the policy in force) for the audit."""
+        session = self._session(pid)
+        engine = (session.policy.engine if session is not None and session.policy is not None
+                  else self.source.engine)
+        return (str(session.pid) if session is not None else "", engine.policy.sha256)
+
     def restricted(self, pid: int) -> frozenset[str]:
         return self.engine_for(pid).restricted
 

@@ -1,0 +1,223 @@
+"""The audit log: every checked operation with its decision, in `<store>/audit.db`.
+
+The FUSE thread only puts events on a bounded queue (`emit` never blocks and never
+does I/O); a writer thread inserts them in batches (one transaction per batch).  When
+the queue is full the event is counted, not stored, and the count itself is written
+as an `audit_dropped` event as soon as there is room: losses are on record, never
+silent.  `close` drains the queue, so a clean unmount loses nothing.  In strict mode
+the mount refuses operations while the writer is unhealthy (a failing disk) or the
+queue is full.
+
+SQLite in WAL mode lets `agentfs audit` read while mounts write; several mounts of
+one store share the file (each event names its mount and carries its own sequence).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+)
+
+from agentfs.branches.store import Store, sqlite_pragmas
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE: Final = 50_000
+BATCH: Final = 2_000
+FLUSH_EVERY: Final = 0.2  # seconds an event may wait in the queue
+
+metadata = MetaData()
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("ts_us", BigInteger, nullable=False),     # UTC, microseconds since the epoch
+    Column("seq", BigInteger, nullable=False),       # per mount daemon
+    Column("mount", String, nullable=False, default=""),
+    Column("session", String, nullable=False, default=""),
+    Column("branch", String, nullable=False, default=""),
+    Column("pid", Integer, nullable=False, default=0),
+    Column("exe", String, nullable=False, default=""),
+    Column("cmdline", String, nullable=False, default=""),
+    Column("uid", Integer, nullable=False, default=-1),
+    Column("op", String, nullable=False),
+    Column("path", String, nullable=False, default=""),
+    Column("dst", String, nullable=False, default=""),
+    Column("decision", String, nullable=False, default="allow"),
+    Column("rule", String, nullable=False, default=""),
+    Column("policy_sha256", String, nullable=False, default=""),
+    Column("errno", Integer, nullable=False, default=0),
+    Column("count", Integer, nullable=False, default=1),   # calls summarised (read/write)
+    Column("bytes", BigInteger, nullable=False, default=0),
+    Column("duration_us", BigInteger, nullable=False, default=0),
+)
+Index("events_ts", events.c.ts_us)
+Index("events_path", events.c.path)
+COLUMNS: Final = [c.name for c in events.columns if c.name != "id"]
+_DEFAULTS: Final = {c.name: getattr(c.default, "arg", None) for c in events.columns
+                    if c.default is not None}
+
+
+def open_db(store_root: Path) -> Engine:
+    engine = create_engine(f"sqlite:///{store_root / 'audit.db'}")
+    event.listen(engine, "connect", sqlite_pragmas)
+    metadata.create_all(engine)
+    return engine
+
+
+class AuditLog:
+    """The writer side: owned by one mount daemon."""
+
+    def __init__(self, store_root: Path, mount: str, strict: bool = False,
+                 queue_size: int = QUEUE_SIZE) -> None:
+        self.engine = open_db(store_root)
+        self.mount = mount
+        self.strict = strict
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
+        self._seq = itertools.count(1)
+        self._dropped = 0
+        self._dropped_lock = threading.Lock()
+        self.written = 0
+        self.healthy = True
+        self.last_error = ""
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    # -- FUSE side -----------------------------------------------------------------------
+    def emit(self, **fields: Any) -> None:
+        """Queue one event (never blocks)."""
+        fields.setdefault("ts_us", time.time_ns() // 1000)
+        fields["seq"] = next(self._seq)
+        fields["mount"] = self.mount
+        try:
+            self._queue.put_nowait(fields)
+        except queue.Full:
+            with self._dropped_lock:
+                self._dropped += 1
+
+    def refuses(self) -> bool:
+        """Strict mode: operations must fail while events cannot be recorded."""
+        return self.strict and (not self.healthy or self._queue.full())
+
+    # -- writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        done = False
+        while not done:
+            batch: list[dict[str, Any]] = []
+            try:
+                item = self._queue.get(timeout=FLUSH_EVERY)
+            except queue.Empty:
+                item = {}
+            deadline = time.monotonic() + FLUSH_EVERY
+            while True:
+                if item is None:
+                    done = True
+                    break
+                if item:
+                    batch.append(item)
+                if len(batch) >= BATCH or time.monotonic() >= deadline:
+                    break
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+            with self._dropped_lock:
+                dropped, self._dropped = self._dropped, 0
+            if dropped:
+                batch.append({"ts_us": time.time_ns() // 1000, "seq": next(self._seq),
+                              "mount": self.mount, "op": "audit_dropped", "count": dropped,
+                              "decision": "allow"})
+                log.warning("audit queue overflow: %d events dropped (recorded)", dropped)
+            if batch:
+                self._write(batch)
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        batch = [{**_DEFAULTS, **row} for row in batch]  # executemany wants one shape
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(insert(events), batch)
+                self.written += len(batch)
+                if not self.healthy:
+                    log.info("audit log writable again")
+                self.healthy, self.last_error = True, ""
+                return
+            except Exception as exc:  # a full disk, a locked database, ...
+                self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
+                log.error("audit write failed (attempt %d): %s", attempt + 1, exc)
+                time.sleep(0.2 * (attempt + 1))
+        with self._dropped_lock:
+            self._dropped += len(batch)  # recorded as dropped once the log works again
+
+    def close(self) -> None:
+        """Write everything queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout=60)
+        self.engine.dispose()
+
+
+# -- reading ---------------------------------------------------------------------------------
+def query(store_root: Path, since_us: int | None = None, until_us: int | None = None,
+          after_id: int = 0, ops: list[str] | None = None, pid: int | None = None,
+          decisions: list[str] | None = None, branch: str | None = None,
+          limit: int | None = None, newest_first: bool = False) -> Iterator[dict[str, Any]]:
+    engine = open_db(store_root)
+    try:
+        stmt = select(events).where(events.c.id > after_id)
+        if since_us is not None:
+            stmt = stmt.where(events.c.ts_us >= since_us)
+        if until_us is not None:
+            stmt = stmt.where(events.c.ts_us <= until_us)
+        if ops:
+            stmt = stmt.where(events.c.op.in_(ops))
+        if pid is not None:
+            stmt = stmt.where(events.c.pid == pid)
+        if decisions:
+            stmt = stmt.where(events.c.decision.in_(decisions))
+        if branch is not None:
+            stmt = stmt.where(events.c.branch == branch)
+        stmt = stmt.order_by(events.c.id.desc() if newest_first else events.c.id)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with engine.connect() as conn:
+            for row in conn.execute(stmt):
+                yield dict(row._mapping)
+    finally:
+        engine.dispose()
+
+
+DEFAULT_MAX_AGE: Final = 90 * 86400.0
+
+
+def audit_max_age(store: Store) -> float:
+    value = store.info("audit.max_age")
+    return float(value) if value else DEFAULT_MAX_AGE
+
+
+def purge_older_than(store_root: Path, cutoff_us: int) -> int:
+    engine = open_db(store_root)
+    try:
+        with engine.begin() as conn:
+            return int(conn.execute(delete(events).where(events.c.ts_us < cutoff_us)).rowcount)
+    finally:
+        engine.dispose()

@@ -1,0 +1,110 @@
+"""From FUSE requests to audit events: who, what, the decision, the outcome.
+
+A front end calls `begin` once a request has been checked; the error boundary calls
+`finish` with the outcome, so every checked request yields exactly one event with its
+errno and duration.  Metadata reads (stat, readdir, readlink, xattr reads) are recorded
+only when the policy did something other than allow them: recording every lookup
+would drown the log.  Reads and writes are counted per open handle and recorded once,
+when the handle is released.
+"""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from agentfs.audit.log import AuditLog
+from agentfs.policy.guard import Verdict
+from agentfs.proc import command_line, exe_of
+
+QUIET_OPS: Final = frozenset({"stat", "readdir", "readlink", "getxattr", "listxattr"})
+_PROC_FRESH: Final = 2.0
+
+
+@dataclass
+class Pending:
+    recorder: Recorder
+    op: str
+    path: str
+    dst: str
+    pid: int
+    uid: int
+    verdict: Verdict
+    session: str
+    policy_sha256: str
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class HandleIO:
+    path: str
+    pid: int
+    uid: int
+    session: str
+    policy_sha256: str
+    reads: int = 0
+    read_bytes: int = 0
+    writes: int = 0
+    written: int = 0
+
+
+PENDING: Final[ContextVar[Pending | None]] = ContextVar("agentfs_audit_pending", default=None)
+
+
+def finish_pending(errno_value: int) -> None:
+    """The request begun in this task is over: record it with its outcome."""
+    pending = PENDING.get()
+    if pending is not None:
+        PENDING.set(None)
+        pending.recorder.finish(pending, errno_value)
+
+
+class Recorder:
+    """Audit events for one branch view."""
+
+    def __init__(self, log: AuditLog, branch: str) -> None:
+        self.log = log
+        self.branch = branch
+        self._procs: dict[int, tuple[float, str, str]] = {}
+
+    def _proc(self, pid: int) -> tuple[str, str]:
+        now = time.monotonic()
+        hit = self._procs.get(pid)
+        if hit is None or now - hit[0] > _PROC_FRESH:
+            if len(self._procs) > 4096:
+                self._procs.clear()
+            hit = self._procs[pid] = (now, exe_of(pid), command_line(pid)) if pid > 0 \
+                else (now, "", "")
+        return hit[1], hit[2]
+
+    def begin(self, pending: Pending) -> None:
+        decided = pending.verdict.decision
+        if pending.op in QUIET_OPS and (decided is None or decided.decision == "allow"):
+            PENDING.set(None)
+            return
+        PENDING.set(pending)
+
+    def finish(self, pending: Pending, errno_value: int) -> None:
+        d = pending.verdict.decision
+        decision = d.decision if d is not None else "allow"
+        if pending.verdict.ticket is not None:
+            decision = f"ask:{pending.verdict.ticket.answer or 'none'}"
+        exe, cmdline = self._proc(pending.pid)
+        self.log.emit(
+            session=pending.session, branch=self.branch, pid=pending.pid, exe=exe,
+            cmdline=cmdline, uid=pending.uid, op=pending.op, path=pending.path,
+            dst=pending.dst, decision=decision, rule=(d.rule or "") if d else "",
+            policy_sha256=pending.policy_sha256, errno=errno_value,
+            duration_us=int((time.perf_counter() - pending.started) * 1e6))
+
+    def handle_closed(self, io: HandleIO) -> None:
+        exe, cmdline = self._proc(io.pid)
+        common: dict[str, Any] = dict(session=io.session, branch=self.branch, pid=io.pid,
+                                      exe=exe, cmdline=cmdline, uid=io.uid, path=io.path,
+                                      policy_sha256=io.policy_sha256)
+        if io.reads:
+            self.log.emit(op="read", count=io.reads, bytes=io.read_bytes, **common)
+        if io.writes:
+            self.log.emit(op="write", count=io.writes, bytes=io.written, **common)
