@@ -345,6 +345,16 @@ class AgentfsPerProcessTarget(AgentfsTarget):
         return setup.mnt
 
 
+class AgentfsNoAuditTarget(AgentfsTarget):
+    """agentfs (default policy) with the audit log off: what recording costs."""
+
+    name = "agentfs-noaudit"
+    description = "agentfs, audit log off"
+
+    def _policy_args(self, setup: Setup) -> list[str | Path]:
+        return ["--no-audit"]
+
+
 class AgentfsAllowAllTarget(AgentfsTarget):
     """agentfs with a policy that allows everything: no check is ever evaluated, the
     baseline for what policy enforcement costs."""
@@ -377,6 +387,7 @@ def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
         UnionfsFuseTarget(),
         AgentfsTarget(agentfs_executable),
         AgentfsPerProcessTarget(agentfs_executable),
+        AgentfsNoAuditTarget(agentfs_executable),
         AgentfsAllowAllTarget(agentfs_executable),
         AgentfsBigPolicyTarget(agentfs_executable),
     ]
