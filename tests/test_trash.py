@@ -231,3 +231,39 @@ def test_mounted_rm_rf_restore_through_the_cli(tmp_path: Path) -> None:
         res = mb.cli("trash", "restore", tree["id"], check=False)
         assert res.returncode != 0 and "no trash entry" in res.stderr
     assert (base / "proj/a.txt").read_text() == "base a\n"
+
+
+@pytest.mark.mount
+def test_truncation_under_soft_delete_keeps_the_old_content(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "data.csv").write_text("precious rows\n")
+    (base / "scratch.txt").write_text("scratch\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefaults: {read: allow, write: allow}\nrules:\n"
+                      "  - id: keep-data\n    paths: ['**/*.csv']\n    ops: [truncate]\n"
+                      "    decision: soft_delete\n")
+    with mounted_branch(base, tmp_path, "b", mount_opts=("--policy", str(policy))) as mb:
+        (mb.mountpoint / "data.csv").write_text("new\n")       # open(O_TRUNC)
+        os.truncate(mb.mountpoint / "data.csv", 0)             # setattr(size)
+        (mb.mountpoint / "scratch.txt").write_text("other\n")  # not covered: no copy
+        items = json.loads(mb.cli("trash", "list", "--json").stdout)
+        assert [(i["path"], i["reason"], i["size"]) for i in items] == [
+            ("data.csv", "truncate", 14), ("data.csv", "truncate", 4)]
+        mb.cli("trash", "restore", items[0]["id"], "--to", "data.old")
+        assert (mb.mountpoint / "data.old").read_text() == "precious rows\n"
+
+
+def test_entries_left_open_by_a_dead_daemon_are_finalized(br: Branch) -> None:
+    br.write("proj/log.txt", b"kept\n")
+    fh = br.ov.open("proj/log.txt", os.O_RDONLY)
+    br.ov.unlink("proj/log.txt")
+    [item] = list(br.trash.area.items())
+    assert item.meta["state"] == "open"
+    assert br.trash.finalize_stale() == 0            # its daemon (this process) lives
+    item.meta["daemon_pid"] = 2**22 + 12345          # beyond pid_max: certainly gone
+    br.trash.area.write(item.id, item.meta)
+    assert br.trash.finalize_stale() == 1
+    [item] = list(br.trash.area.items())
+    assert item.meta["state"] == "final" and item.meta["entries"][0]["sha256"]
+    br.ov.release(fh)

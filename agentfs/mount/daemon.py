@@ -37,7 +37,7 @@ from agentfs.policy.approvals import ApprovalBroker
 from agentfs.policy.callers import CallerResolver
 from agentfs.policy.guard import Guard
 from agentfs.policy.source import PolicySource
-from agentfs.proc import parent_pid, thread_group
+from agentfs.proc import command_line, exe_of, parent_pid, thread_group
 from agentfs.trash.service import Trash
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class Daemon:
         self.broker = ApprovalBroker(str(os.getpid()))
         self.callers = CallerResolver()
         self.trash = Trash(store)
+        self.trash.finalize_stale()
         self.audit = (AuditLog(config.store_root, str(config.mountpoint), config.audit_strict)
                       if config.audit else None)
         self.ops: AgentfsOperations | PerProcessOperations
@@ -150,7 +151,8 @@ class Daemon:
             return self.ops.view(branch)
         return self.ops if branch == self.config.branch else None
 
-    def _restore(self, branch: str, item_id: str, to: Any, force: bool) -> dict[str, Any]:
+    def _restore(self, branch: str, item_id: str, to: Any, force: bool, peer_pid: int
+                 ) -> dict[str, Any]:
         view = self._view_of(branch)
         if view is None:
             return {"ok": False, "error": f"this mount does not show branch {branch}"}
@@ -160,6 +162,9 @@ class Daemon:
         except UserError as exc:
             return {"ok": False, "error": str(exc)}
         view.drop_kernel_entry(result.path)
+        if self.audit is not None:
+            self.audit.emit(op="trash_restore", path=result.path, dst=item_id, branch=branch,
+                            pid=peer_pid, exe=exe_of(peer_pid), cmdline=command_line(peer_pid))
         return {"ok": True, **result.__dict__}
 
     def _may_answer(self, peer_pid: int, ticket_pid: int) -> str:
@@ -209,7 +214,7 @@ class Daemon:
             return {"ok": True, "id": ticket.id}
         if op == "trash_restore":
             return self._restore(str(req["branch"]), str(req["id"]), req.get("to"),
-                                 bool(req.get("force")))
+                                 bool(req.get("force")), peer_pid)
         if op == "sessions":
             return {"ok": True, "sessions": [
                 {"pid": s.pid, "branch": s.branch, "command": s.command,

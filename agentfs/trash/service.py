@@ -18,7 +18,7 @@ from agentfs.trash.area import (
     TrashItem,
 )
 from agentfs.trash.restore import RestoreResult, restore
-from agentfs.trash.sink import TrashSink
+from agentfs.trash.sink import TrashSink, finalize_stale
 from agentfs.units import parse_duration, parse_size
 
 
@@ -63,6 +63,9 @@ class Trash:
         except ValueError as exc:
             raise UserError(str(exc)) from None
         return self.retention()
+
+    def finalize_stale(self) -> int:
+        return finalize_stale(self.area, self.retention().hash_limit)
 
     def sink(self, branch: str) -> TrashSink:
         return TrashSink(self.area, branch, self.retention().hash_limit)

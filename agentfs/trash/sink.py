@@ -90,7 +90,8 @@ class TrashSink:
         meta = {
             "id": item_id, "branch": self.branch, "path": path, "kind": kind,
             "reason": reason, "state": state, "deleted_at": time.time(),
-            "pid": pid, "uid": uid, "exe": exe_of(pid) if pid > 0 else "", "entries": entries}
+            "pid": pid, "uid": uid, "exe": exe_of(pid) if pid > 0 else "",
+            "daemon_pid": os.getpid(), "entries": entries}
         _totals(meta)
         self.area.write(item_id, meta)
         self._by_path[path] = item_id
@@ -197,6 +198,40 @@ class TrashSink:
         entry = describe(self.area.host, data, "", self.hash_limit)
         entry.update(held=True, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid)
         self._record(item_id, path, "file", reason, [entry])
+
+
+def finalize_stale(area: TrashArea, hash_limit: int) -> int:
+    """Entries left 'open' by a daemon that is gone (killed while a deleted file was
+    open): nothing can write to them any more, so record what they hold now."""
+    done = 0
+    for item in area.items():
+        meta = item.meta
+        if meta.get("state") != "open" or _alive(int(meta.get("daemon_pid", 0))):
+            continue
+        entries = []
+        for e in meta.get("entries", []):
+            if e.get("held") and e["kind"] == "file":
+                rel = item.data_rel(e["rel"])
+                if area.host.try_lstat(rel) is not None:
+                    e = {**describe(area.host, rel, e["rel"], hash_limit), "held": True}
+            entries.append(e)
+        meta.update(entries=entries, state="final")
+        _totals(meta)
+        area.write(item.id, meta)
+        done += 1
+    return done
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _totals(meta: dict[str, Any]) -> None:
