@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from mountutil import mounted_branch
-from sqlalchemy import create_engine
 
 from agentfs.audit.log import AuditLog, query
 
@@ -111,7 +110,7 @@ def test_strict_mode_refuses_while_the_log_is_unhealthy(tmp_path: Path) -> None:
         assert not log.refuses()
         bad = tmp_path / "not-a-db"
         bad.mkdir()
-        log.engine = create_engine(f"sqlite:///{bad}")  # every write now fails
+        log._db, log._conn = str(bad), None  # every write now fails
         log.emit(op="open", path="x")
         for _ in range(100):
             if not log.healthy:

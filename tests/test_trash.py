@@ -119,7 +119,7 @@ def test_restore_refuses_to_overwrite_and_checks_hashes(br: Branch) -> None:
     # tampered trash content is refused
     br.ov.unlink("proj/old.txt")
     [item] = [i for i in br.items() if i["path"] == "proj/old.txt"]
-    data = br.trash.area.root / str(item["id"]) / "data"
+    data = br.trash.area.root / f"{item['id']}.data"
     data.write_bytes(b"evil\n")
     with pytest.raises(UserError, match="does not match its sha256"):
         br.trash.restore_into(br.ov, str(item["id"]), None, False)

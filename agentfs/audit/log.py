@@ -14,9 +14,10 @@ one store share the file (each event names its mount and carries its own sequenc
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +36,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    insert,
     select,
 )
 
@@ -93,85 +93,105 @@ class AuditLog:
         self.engine = open_db(store_root)
         self.mount = mount
         self.strict = strict
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(queue_size)
+        self.capacity = queue_size
+        self._pending: collections.deque[dict[str, Any]] = collections.deque()
         self._seq = itertools.count(1)
         self._dropped = 0
         self._dropped_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conn: sqlite3.Connection | None = None
         self.written = 0
         self.healthy = True
         self.last_error = ""
+        self._db = str(store_root / "audit.db")
+        self._sql = (f"INSERT INTO events ({', '.join(COLUMNS)}) "
+                     f"VALUES ({', '.join('?' for _ in COLUMNS)})")
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
     # -- FUSE side -----------------------------------------------------------------------
     def emit(self, **fields: Any) -> None:
-        """Queue one event (never blocks)."""
+        """Queue one event: an append to a deque, no lock, no wake-up of the writer
+        (which drains the queue every FLUSH_EVERY seconds)."""
+        if len(self._pending) >= self.capacity:
+            with self._dropped_lock:
+                self._dropped += 1
+            return
         fields.setdefault("ts_us", time.time_ns() // 1000)
         fields["seq"] = next(self._seq)
         fields["mount"] = self.mount
-        try:
-            self._queue.put_nowait(fields)
-        except queue.Full:
-            with self._dropped_lock:
-                self._dropped += 1
+        self._pending.append(fields)
 
     def refuses(self) -> bool:
         """Strict mode: operations must fail while events cannot be recorded."""
-        return self.strict and (not self.healthy or self._queue.full())
+        return self.strict and (not self.healthy or len(self._pending) >= self.capacity)
 
     # -- writer thread ---------------------------------------------------------------------
     def _run(self) -> None:
-        done = False
-        while not done:
-            batch: list[dict[str, Any]] = []
-            try:
-                item = self._queue.get(timeout=FLUSH_EVERY)
-            except queue.Empty:
-                item = {}
-            deadline = time.monotonic() + FLUSH_EVERY
+        """Drain the queue in batches until stopped, then drain it once more.  Rows go
+        in through sqlite3 directly: executemany of plain tuples is several times
+        cheaper than building them through SQLAlchemy, and this thread shares the GIL
+        with the FUSE loop."""
+        while True:
+            stopping = self._stop.wait(FLUSH_EVERY)
             while True:
-                if item is None:
-                    done = True
+                batch: list[dict[str, Any]] = []
+                while self._pending and len(batch) < BATCH:
+                    batch.append(self._pending.popleft())
+                with self._dropped_lock:
+                    dropped, self._dropped = self._dropped, 0
+                if dropped:
+                    batch.append({"ts_us": time.time_ns() // 1000, "seq": next(self._seq),
+                                  "mount": self.mount, "op": "audit_dropped",
+                                  "count": dropped})
+                    log.warning("audit queue overflow: %d events dropped (recorded)", dropped)
+                if not batch:
                     break
-                if item:
-                    batch.append(item)
-                if len(batch) >= BATCH or time.monotonic() >= deadline:
+                if self._conn is None:
+                    self._conn = self._connect()
+                if not self._write(self._conn, batch):
+                    self._conn = None
                     break
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-            with self._dropped_lock:
-                dropped, self._dropped = self._dropped, 0
-            if dropped:
-                batch.append({"ts_us": time.time_ns() // 1000, "seq": next(self._seq),
-                              "mount": self.mount, "op": "audit_dropped", "count": dropped,
-                              "decision": "allow"})
-                log.warning("audit queue overflow: %d events dropped (recorded)", dropped)
-            if batch:
-                self._write(batch)
+            if stopping:
+                break
+        if self._conn is not None:
+            self._conn.close()
 
-    def _write(self, batch: list[dict[str, Any]]) -> None:
-        batch = [{**_DEFAULTS, **row} for row in batch]  # executemany wants one shape
+    def _connect(self) -> sqlite3.Connection | None:
+        try:
+            conn = sqlite3.connect(self._db, timeout=10, check_same_thread=False)
+            sqlite_pragmas(conn, None)
+            return conn
+        except sqlite3.Error as exc:
+            self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
+            log.error("audit log unavailable: %s", exc)
+            return None
+
+    def _write(self, conn: sqlite3.Connection | None, batch: list[dict[str, Any]]) -> bool:
+        rows = [tuple(row.get(c, _DEFAULTS.get(c)) for c in COLUMNS) for row in batch]
         for attempt in range(3):
             try:
-                with self.engine.begin() as conn:
-                    conn.execute(insert(events), batch)
-                self.written += len(batch)
+                if conn is None:
+                    raise sqlite3.OperationalError("no connection to the audit log")
+                with conn:
+                    conn.executemany(self._sql, rows)
+                self.written += len(rows)
                 if not self.healthy:
                     log.info("audit log writable again")
                 self.healthy, self.last_error = True, ""
-                return
-            except Exception as exc:  # a full disk, a locked database, ...
+                return True
+            except sqlite3.Error as exc:  # a full disk, a locked database, ...
                 self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
                 log.error("audit write failed (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
+                conn = self._connect() if conn is None else conn
         with self._dropped_lock:
             self._dropped += len(batch)  # recorded as dropped once the log works again
+        return False
 
     def close(self) -> None:
         """Write everything queued, then stop."""
-        self._queue.put(None)
+        self._stop.set()
         self._thread.join(timeout=60)
         self.engine.dispose()
 

@@ -438,8 +438,12 @@ class Overlay:
         host.rename_to(rel, self.work, name)
         self._orphans[ino] = name
         if self.trash is not None:
-            self.trash.kept_open(path, ino, self.work, name, self.work.lstat(name),
-                                 self._reason)
+            if self._by_ino.get(ino):  # open: the entry is final only at the last close
+                self.trash.kept_open(path, ino, self.work, name, self.work.lstat(name),
+                                     self._reason)
+            else:  # only the kernel's dentry cache still knows it: nothing can change it
+                self.trash.take(path, self.work, name, self.work.lstat(name), self._reason,
+                                link=True)
 
     def _reap(self, ino: int) -> None:
         if self._pinned(ino):

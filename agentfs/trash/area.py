@@ -1,8 +1,11 @@
 """The store's trash area: one directory per deleted thing, with its data and a record.
 
-    <store>/trash/items/<id>/meta.json   what was deleted, where, by whom, how to restore
-    <store>/trash/items/<id>/data        the content the branch held (a file, or for a
-                                         deleted tree a directory of what it held)
+    <store>/trash/items/<id>.json   what was deleted, where, by whom, how to restore
+    <store>/trash/items/<id>.data   the content the branch held (a file, or for a
+                                    deleted tree a directory of what it held)
+
+(flat, so deleting a file costs a rename and one small file write, all relative to
+one cached directory fd)
 
 Content that lived in the branch's own layer is *moved* here (a rename, no copy).
 Content that lived below (the base, or a frozen parent layer) was never destroyed, only
@@ -11,8 +14,8 @@ restore can tell whether it is still the same.
 
 Ids are time-ordered (hex microseconds + a counter), so `ls` and sorting by id is
 sorting by deletion time.  Records are written to a temporary name and renamed, so
-a crash leaves either no record or a whole one; an item directory without a record is
-an interrupted deletion and is shown (and purged) as such.
+a crash leaves either no record or a whole one; data without a record is an
+interrupted deletion and is shown (and purged) as such.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from typing import Any, Final
 
 from agentfs.overlay.hostio import HostDir
 
-META: Final = "meta.json"
-DATA: Final = "data"
+META: Final = ".json"
+DATA: Final = ".data"
 DEFAULT_MAX_AGE: Final = 30 * 86400.0
 DEFAULT_MAX_SIZE: Final = 10 << 30
 DEFAULT_HASH_LIMIT: Final = 64 << 20
@@ -47,7 +50,6 @@ def new_id() -> str:
 class TrashItem:
     id: str
     meta: dict[str, Any]
-    dir: Path
 
     @property
     def deleted_at(self) -> float:
@@ -71,7 +73,7 @@ class TrashItem:
 
     def data_rel(self, rel: str = "") -> str:
         """Path of an entry's held data relative to the items directory."""
-        return f"{self.id}/{DATA}" + (f"/{rel}" if rel else "")
+        return f"{self.id}{DATA}" + (f"/{rel}" if rel else "")
 
     def public(self) -> dict[str, Any]:
         m = self.meta
@@ -104,44 +106,56 @@ class TrashArea:
             self._host = None
 
     def create(self) -> str:
-        item_id = new_id()
-        (self.root / item_id).mkdir(mode=0o700)
-        return item_id
+        return new_id()
 
     def write(self, item_id: str, meta: dict[str, Any]) -> None:
-        d = self.root / item_id
-        tmp = d / (META + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, d / META)
+        tmp = f"{item_id}{META}.tmp"
+        fd = self.host.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps(meta).encode())
+        finally:
+            os.close(fd)
+        self.host.rename_to(tmp, self.host, f"{item_id}{META}")
 
     def get(self, item_id: str) -> TrashItem:
         """An item by id or unique id prefix (KeyError / ValueError if none / several)."""
-        d = self.root / item_id
-        if not (d / META).is_file():
-            matches = [p for p in self.root.iterdir() if p.name.startswith(item_id)] \
-                if item_id else []
+        path = self.root / f"{item_id}{META}"
+        if not item_id or not path.is_file():
+            matches = sorted({p.name.split(".")[0] for p in self.root.iterdir()
+                              if p.name.startswith(item_id)}) if item_id else []
             if len(matches) > 1:
                 raise ValueError(f"{item_id!r} matches {len(matches)} trash entries")
-            if not matches or not (matches[0] / META).is_file():
+            if not matches or not (self.root / f"{matches[0]}{META}").is_file():
                 raise KeyError(item_id)
-            d = matches[0]
-        return TrashItem(d.name, json.loads((d / META).read_text()), d)
+            item_id = matches[0]
+            path = self.root / f"{item_id}{META}"
+        return TrashItem(item_id, json.loads(path.read_text()))
 
     def items(self) -> Iterator[TrashItem]:
-        """Every item, oldest first (unfinished deletions get a stub record)."""
-        for d in sorted(self.root.iterdir()):
-            if not d.is_dir():
-                continue
+        """Every item, oldest first (data without a record gets a stub record)."""
+        names = sorted(os.listdir(self.root))
+        ids = sorted({n.split(".")[0] for n in names if n.endswith((META, DATA))})
+        for item_id in ids:
             try:
-                meta = json.loads((d / META).read_text())
+                meta = json.loads((self.root / f"{item_id}{META}").read_text())
             except (OSError, ValueError):
-                meta = {"id": d.name, "state": "incomplete", "kind": "?", "path": "?",
-                        "deleted_at": d.stat().st_mtime, "size": _du(d), "entries": []}
-            yield TrashItem(d.name, meta, d)
+                data = self.root / f"{item_id}{DATA}"
+                if not os.path.lexists(data):
+                    continue
+                meta = {"id": item_id, "state": "incomplete", "kind": "?", "path": "?",
+                        "deleted_at": data.lstat().st_mtime, "size": _du(data),
+                        "held_bytes": _du(data), "entries": []}
+            yield TrashItem(item_id, meta)
 
     def remove(self, item_id: str) -> None:
-        shutil.rmtree(self.root / item_id, ignore_errors=True)
+        data = self.root / f"{item_id}{DATA}"
+        if data.is_dir() and not data.is_symlink():
+            shutil.rmtree(data, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                data.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / f"{item_id}{META}").unlink()
 
     def purge(self, older_than: float | None = None, max_size: int | None = None,
               dry_run: bool = False, now: float | None = None) -> list[TrashItem]:
@@ -168,6 +182,8 @@ class TrashArea:
 
 
 def _du(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
     total = 0
     for dirpath, _dirs, files in os.walk(path):
         for name in files:

@@ -20,12 +20,13 @@ import time
 from typing import Any
 
 from agentfs.context import CALLER
-from agentfs.overlay.hostio import HostDir, join
+from agentfs.overlay.hostio import HostDir, join, split
 from agentfs.overlay.layers import MARKER, Layer
 from agentfs.proc import exe_of
-from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, TrashArea
+from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, META, TrashArea
 
 log = logging.getLogger(__name__)
+_REMEMBER = 200_000  # deleted items kept in memory for folding into trees
 
 
 def kind_of(mode: int) -> str:
@@ -80,7 +81,12 @@ class TrashSink:
         self.area = area
         self.branch = branch
         self.hash_limit = hash_limit
-        self._by_path: dict[str, str] = {}     # deleted path -> its (top-level) item id
+        # directory -> {name: item id} of items deleted in it (not yet folded into a
+        # tree), and the records of those items: removing the directory folds them in
+        # without scanning or reading anything
+        self._children: dict[str, dict[str, str]] = {}
+        self._metas: dict[str, dict[str, Any]] = {}
+        self._exes: dict[int, tuple[float, str]] = {}
         self._open: dict[int, tuple[str, str]] = {}  # ino of a still-open file -> (item, rel)
 
     # -- records ---------------------------------------------------------------------
@@ -90,16 +96,35 @@ class TrashSink:
         meta = {
             "id": item_id, "branch": self.branch, "path": path, "kind": kind,
             "reason": reason, "state": state, "deleted_at": time.time(),
-            "pid": pid, "uid": uid, "exe": exe_of(pid) if pid > 0 else "",
+            "pid": pid, "uid": uid, "exe": self._exe(pid),
             "daemon_pid": os.getpid(), "entries": entries}
         _totals(meta)
         self.area.write(item_id, meta)
-        self._by_path[path] = item_id
+        if len(self._metas) > _REMEMBER:
+            self._children.clear()
+            self._metas.clear()
+        parent, name = split(path)
+        old = self._children.setdefault(parent, {}).get(name)
+        if old is not None:
+            self._metas.pop(old, None)  # an earlier deletion of the same name stays alone
+        self._children[parent][name] = item_id
+        self._metas[item_id] = meta
         return meta
+
+    def _exe(self, pid: int) -> str:
+        if pid <= 0:
+            return ""
+        now = time.monotonic()
+        hit = self._exes.get(pid)
+        if hit is None or now - hit[0] > 1.0:
+            if len(self._exes) > 1024:
+                self._exes.clear()
+            hit = self._exes[pid] = (now, exe_of(pid))
+        return hit[1]
 
     def _new(self) -> tuple[str, str]:
         item_id = self.area.create()
-        return item_id, f"{item_id}/{DATA}"
+        return item_id, f"{item_id}{DATA}"
 
     # -- the hook ------------------------------------------------------------------------
     def take(self, path: str, host: HostDir, rel: str, st: os.stat_result, reason: str,
@@ -147,6 +172,8 @@ class TrashSink:
         if not any(open_id == item_id for open_id, _ in self._open.values()):
             meta["state"] = "final"
         self.area.write(item_id, meta)
+        if item_id in self._metas:
+            self._metas[item_id] = meta
 
     def dir_removed(self, path: str, layer: Layer, host: HostDir, rel: str,
                     reason: str) -> None:
@@ -157,28 +184,23 @@ class TrashSink:
         os.mkdir(self.area.root / data, 0o700)
         entries = [own]
         state = "final"
-        prefix = path + "/"
-        for child_path in sorted(p for p in self._by_path if p.startswith(prefix)):
-            child_id = self._by_path.pop(child_path)
-            try:
-                child = self.area.get(child_id)
-            except KeyError:
-                continue
-            sub = child_path[len(prefix):]
-            src = child.dir / DATA
+        for sub, child_id in sorted(self._children.pop(path, {}).items()):
+            child = self._metas.pop(child_id, None)
+            record = self.area.root / f"{child_id}{META}"
+            if child is None or not record.exists():
+                continue  # purged meanwhile
+            src = self.area.root / f"{child_id}{DATA}"
             if os.path.lexists(src):
-                target = self.area.root / data / sub
-                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                os.rename(src, target)
-            for entry in child.meta.get("entries", []):
+                os.rename(src, self.area.root / data / sub)
+            for entry in child.get("entries", []):
                 entry["rel"] = join(sub, entry["rel"]) if entry["rel"] else sub
                 entries.append(entry)
-            if child.meta.get("state") == "open":
+            if child.get("state") == "open":
                 state = "open"
                 for ino, (open_id, rel) in list(self._open.items()):
                     if open_id == child_id:
                         self._open[ino] = (item_id, join(sub, rel) if rel else sub)
-            self.area.remove(child_id)
+            os.unlink(record)
         self._record(item_id, path, "tree", reason, entries, state)
 
     def copied(self, path: str, host: HostDir, rel: str, reason: str) -> None:
