@@ -22,15 +22,15 @@ from typing import Any, Final, ParamSpec, TypeVar
 
 import pyfuse3
 
-from agentfs.audit.recorder import HandleIO, Pending, Recorder, finish_pending
-from agentfs.context import CALLER
+from agentfs.audit.recorder import Recorder, finish_pending
 from agentfs.errors import FsError
 from agentfs.mount.asking import settle
+from agentfs.mount.gate import Gate
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.hostio import join
 from agentfs.overlay.inodes import ROOT_INO
-from agentfs.policy.guard import ALLOWED, Guard, Verdict, open_ops
+from agentfs.policy.guard import Guard, Verdict, open_ops
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ class AgentfsOperations(pyfuse3.Operations):
         super().__init__()
         self.ov = overlay
         self.guard = guard
-        self.recorder = recorder
-        self._io: dict[int, HandleIO] = {}
+        self.gate = Gate(overlay, guard, recorder)
         self.timeout = cache_timeout
         self.space = space or InodeSpace()
         self.shared_root = shared_root
@@ -127,49 +126,25 @@ class AgentfsOperations(pyfuse3.Operations):
         base = self.ov.inodes.path(self.space.local(inode))
         return base if name is None else join(base, os.fsdecode(name))
 
-    # -- policy ------------------------------------------------------------
-    async def _settle(self, verdict: Verdict, ctx: Any) -> None:
+    # -- policy, trash, audit -------------------------------------------------
+    async def _settle(self, verdict: Verdict, ctx: Any, path: str) -> None:
         if verdict.errno or verdict.ticket is not None:
             assert self.guard is not None
-            await settle(verdict, self.guard.broker, ctx.pid if ctx is not None else 0)
-
-    def _begin(self, ctx: Any, op: str, path: str, verdict: Verdict, dst: str = "") -> None:
-        """Note who asks what (for the trash and the audit) before the request runs."""
-        pid, uid = _pid(ctx), _uid(ctx)
-        CALLER.set((pid, uid))
-        if self.recorder is None:
-            return
-        if self.recorder.log.refuses():
-            raise FsError(errno.EIO)  # strict audit: nothing happens unrecorded
-        sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
-        self.recorder.begin(Pending(self.recorder, op, path, dst, pid, uid, verdict, sid, sha))
+            await settle(verdict, self.guard.broker, _pid(ctx))
+        self.gate.allowed(verdict, path)
 
     async def _check(self, ctx: Any, *checks: tuple[str, str]) -> None:
-        verdict = (self.guard.check(_pid(ctx), _uid(ctx), checks) if self.guard is not None
-                   else ALLOWED)
-        self._begin(ctx, checks[0][0], checks[0][1], verdict)
-        await self._settle(verdict, ctx)
+        verdict = self.gate.check(_pid(ctx), _uid(ctx), checks)
+        await self._settle(verdict, ctx, checks[0][1])
 
     async def _check_object(self, ctx: Any, ops: list[str], path: str,
                             event: str | None = None) -> None:
-        if not ops:
-            return
-        verdict = (self.guard.check_object(_pid(ctx), _uid(ctx), ops, path)
-                   if self.guard is not None else ALLOWED)
-        self._begin(ctx, event or ops[0], path, verdict)
-        await self._settle(verdict, ctx)
-        if (verdict.decision is not None and verdict.decision.decision == "soft_delete"
-                and verdict.op == "truncate"):
-            self.ov.preserve(path)
-
-    def _opened(self, fh: int, path: str, ctx: Any) -> None:
-        if self.recorder is not None:
-            pid = _pid(ctx)
-            sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
-            self._io[fh] = HandleIO(path, pid, _uid(ctx), sid, sha)
+        if ops:
+            verdict = self.gate.check_object(_pid(ctx), _uid(ctx), ops, path, event)
+            await self._settle(verdict, ctx, path)
 
     def _restricts(self, ctx: Any, op: str) -> bool:
-        return self.guard is not None and op in self.guard.restricted(_pid(ctx))
+        return self.gate.restricts(_pid(ctx), op)
 
     def _new(self, path: str, attr: Attr, parent: int | None = None
              ) -> pyfuse3.EntryAttributes:
@@ -290,13 +265,9 @@ class AgentfsOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
         dst = self._path(new_parent_inode, new_name)
         src = self._path(inode)
-        verdict = (self.guard.check_link(_pid(ctx), _uid(ctx), src, dst)
-                   if self.guard is not None else ALLOWED)
-        self._begin(ctx, "link", src, verdict, dst)
-        await self._settle(verdict, ctx)
+        await self._settle(self.gate.check_link(_pid(ctx), _uid(ctx), src, dst), ctx, dst)
         attr = self.ov.link(src, dst)
-        if self.guard is not None:
-            self.guard.linked(attr.ino, dst)
+        self.gate.linked(attr.ino, dst)
         return self._new(dst, attr, self.space.local(new_parent_inode))
 
     @_boundary
@@ -317,13 +288,10 @@ class AgentfsOperations(pyfuse3.Operations):
         src = self._path(parent_inode_old, name_old)
         dst = self._path(parent_inode_new, name_new)
         exchange = bool(flags & RENAME_EXCHANGE)
-        verdict = (self.guard.check_rename(_pid(ctx), _uid(ctx), src, dst, exchange)
-                   if self.guard is not None else ALLOWED)
-        self._begin(ctx, "rename", src, verdict, dst)
-        await self._settle(verdict, ctx)
+        await self._settle(self.gate.check_rename(_pid(ctx), _uid(ctx), src, dst, exchange),
+                           ctx, dst)
         self.ov.rename(src, dst, flags)
-        if self.guard is not None:
-            self.guard.renamed(src, dst, exchange)
+        self.gate.renamed(src, dst, exchange)
 
     # -- files -------------------------------------------------------------
     @_boundary
@@ -331,7 +299,7 @@ class AgentfsOperations(pyfuse3.Operations):
         path = self._path(inode)
         await self._check_object(ctx, open_ops(flags), path, "open")
         fh = self.ov.open(path, flags)
-        self._opened(fh, path, ctx)
+        self.gate.opened(fh, path, _pid(ctx), _uid(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_boundary
@@ -340,26 +308,20 @@ class AgentfsOperations(pyfuse3.Operations):
         path = self._path(parent_inode, name)
         await self._check(ctx, ("create", path), ("open_write", path), ("write", path))
         fh, attr = self.ov.create(path, flags, mode, ctx.uid, ctx.gid)
-        self._opened(fh, path, ctx)
+        self.gate.opened(fh, path, _pid(ctx), _uid(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._new(
             path, attr, self.space.local(parent_inode))
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
         data = self.ov.read(fh, off, size)
-        io = self._io.get(fh)
-        if io is not None:
-            io.reads += 1
-            io.read_bytes += len(data)
+        self.gate.read(fh, len(data))
         return data
 
     @_boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         n = self.ov.write(fh, off, buf)
-        io = self._io.get(fh)
-        if io is not None:
-            io.writes += 1
-            io.written += n
+        self.gate.wrote(fh, n)
         return n
 
     @_boundary
@@ -373,9 +335,7 @@ class AgentfsOperations(pyfuse3.Operations):
     @_boundary
     async def release(self, fh: int) -> None:
         self.ov.release(fh)
-        io = self._io.pop(fh, None)
-        if io is not None and self.recorder is not None:
-            self.recorder.handle_closed(io)
+        self.gate.released(fh)
 
     # -- directories ------------------------------------------------------------
     @_boundary

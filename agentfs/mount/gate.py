@@ -1,0 +1,98 @@
+"""What every front end does around an engine call, whatever the FUSE binding:
+ask the policy, note the caller for the trash, begin the audit event, count I/O.
+
+The binding-specific part is only how a front end waits for a person's answer
+(`asking.settle` in trio, a thread wait in the mfusepy front end)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+
+from agentfs.audit.recorder import HandleIO, Pending, Recorder
+from agentfs.context import CALLER
+from agentfs.errors import FsError
+from agentfs.overlay.engine import Overlay
+from agentfs.policy.guard import ALLOWED, Guard, Verdict
+
+
+class Gate:
+    def __init__(self, overlay: Overlay, guard: Guard | None, recorder: Recorder | None
+                 ) -> None:
+        self.ov = overlay
+        self.guard = guard
+        self.recorder = recorder
+        self.io: dict[int, HandleIO] = {}
+
+    def restricts(self, pid: int, op: str) -> bool:
+        return self.guard is not None and op in self.guard.restricted(pid)
+
+    def begin(self, pid: int, uid: int, op: str, path: str, verdict: Verdict,
+              dst: str = "") -> Verdict:
+        """Note who asks what (for the trash and the audit) before the request runs."""
+        CALLER.set((pid, uid))
+        if self.recorder is not None:
+            if self.recorder.log.refuses():
+                raise FsError(errno.EIO)  # strict audit: nothing happens unrecorded
+            sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
+            self.recorder.begin(Pending(self.recorder, op, path, dst, pid, uid, verdict, sid,
+                                        sha))
+        return verdict
+
+    def check(self, pid: int, uid: int, checks: Iterable[tuple[str, str]]) -> Verdict:
+        checks = list(checks)
+        verdict = self.guard.check(pid, uid, checks) if self.guard is not None else ALLOWED
+        return self.begin(pid, uid, checks[0][0], checks[0][1], verdict)
+
+    def check_object(self, pid: int, uid: int, ops: list[str], path: str,
+                     event: str | None = None) -> Verdict:
+        verdict = (self.guard.check_object(pid, uid, ops, path) if self.guard is not None
+                   else ALLOWED)
+        return self.begin(pid, uid, event or ops[0], path, verdict)
+
+    def check_rename(self, pid: int, uid: int, src: str, dst: str, exchange: bool) -> Verdict:
+        verdict = (self.guard.check_rename(pid, uid, src, dst, exchange)
+                   if self.guard is not None else ALLOWED)
+        return self.begin(pid, uid, "rename", src, verdict, dst)
+
+    def check_link(self, pid: int, uid: int, src: str, dst: str) -> Verdict:
+        verdict = (self.guard.check_link(pid, uid, src, dst) if self.guard is not None
+                   else ALLOWED)
+        return self.begin(pid, uid, "link", src, verdict, dst)
+
+    def allowed(self, verdict: Verdict, path: str) -> None:
+        """The request may go on: what an allowed decision still asks for."""
+        if (verdict.decision is not None and verdict.decision.decision == "soft_delete"
+                and verdict.op == "truncate"):
+            self.ov.preserve(path)
+
+    # -- after the engine call ---------------------------------------------------------------
+    def linked(self, ino: int, dst: str) -> None:
+        if self.guard is not None:
+            self.guard.linked(ino, dst)
+
+    def renamed(self, src: str, dst: str, exchange: bool) -> None:
+        if self.guard is not None:
+            self.guard.renamed(src, dst, exchange)
+
+    def opened(self, fh: int, path: str, pid: int, uid: int) -> None:
+        if self.recorder is not None:
+            sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
+            self.io[fh] = HandleIO(path, pid, uid, sid, sha)
+
+    def read(self, fh: int, n: int) -> None:
+        io = self.io.get(fh)
+        if io is not None:
+            io.reads += 1
+            io.read_bytes += n
+
+    def wrote(self, fh: int, n: int) -> None:
+        io = self.io.get(fh)
+        if io is not None:
+            io.writes += 1
+            io.written += n
+
+    def released(self, fh: int) -> None:
+        io = self.io.pop(fh, None)
+        if io is not None and self.recorder is not None:
+            self.recorder.handle_closed(io)
