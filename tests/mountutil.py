@@ -25,6 +25,7 @@ import pytest
 VENV_BIN = Path(sys.executable).parent
 AGENTFS = str(VENV_BIN / "agentfs")
 CMD_TIMEOUT = 60
+IMPLS = ("pyfuse3", "mfusepy")  # the FUSE front ends every mounted suite runs against
 
 
 def fuse_problem() -> str | None:
@@ -107,13 +108,14 @@ class MountedBranch:
     env: dict[str, str]
     pid: int | None = None
     mount_opts: tuple[str, ...] = ()
+    impl: str = "pyfuse3"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli("--store", str(self.store), *args, env=self.env, check=check)
 
     def mount(self) -> None:
         res = self.cli("mount", str(self.mountpoint), "--branch", self.branch,
-                       *self.mount_opts)
+                       "--impl", self.impl, *self.mount_opts)
         m = re.search(r"daemon pid (\d+)", res.stdout)
         self.pid = int(m.group(1)) if m else None
 
@@ -126,14 +128,15 @@ class MountedBranch:
 def mounted_branch(base: Path, workdir: Path, branch: str = "test", init: bool = True,
                    store: Path | None = None,
                    env: dict[str, str] | None = None,
-                   mount_opts: tuple[str, ...] = ()) -> Iterator[MountedBranch]:
+                   mount_opts: tuple[str, ...] = (),
+                   impl: str = "pyfuse3") -> Iterator[MountedBranch]:
     """Init a store for *base* (unless given), create *branch*, mount it; always clean up."""
     require_fuse()
     mnt = workdir / "mnt"
     mnt.mkdir(parents=True, exist_ok=True)
     mb = MountedBranch(base=base, store=store or workdir / "store", mountpoint=mnt,
                        branch=branch, env=env or cli_env(workdir / "home"),
-                       mount_opts=mount_opts)
+                       mount_opts=mount_opts, impl=impl)
     if init:
         run_cli("init", str(base), "--store", str(mb.store), env=mb.env)
         mb.cli("branch", "create", branch)

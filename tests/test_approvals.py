@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mountutil import MountedBranch, cli_env, force_unmount, mounted_branch, require_fuse, run_cli
+from mountutil import (
+    IMPLS,
+    MountedBranch,
+    cli_env,
+    force_unmount,
+    mounted_branch,
+    require_fuse,
+    run_cli,
+)
 
 from agentfs.mount import control
 
@@ -89,8 +97,8 @@ def finish(proc: subprocess.Popen[str], timeout: float = 20) -> list[str]:
     return out.splitlines()
 
 
-@pytest.fixture
-def asking(tmp_path: Path) -> Iterator[Asking]:
+@pytest.fixture(params=IMPLS)
+def asking(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Asking]:
     base = tmp_path / "base"
     (base / "ask").mkdir(parents=True)
     for i in range(1, 5):
@@ -98,7 +106,8 @@ def asking(tmp_path: Path) -> Iterator[Asking]:
     (base / "free.txt").write_text("free\n")
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    with mounted_branch(base, tmp_path, "b", mount_opts=("--policy", str(policy))) as mb:
+    with mounted_branch(base, tmp_path, "b", mount_opts=("--policy", str(policy)),
+                        impl=request.param) as mb:
         yield Asking(mb)
 
 

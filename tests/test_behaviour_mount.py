@@ -1,4 +1,4 @@
-"""The behavioural cases against a real pyfuse3 mount of a branch."""
+"""The behavioural cases against a real mount of a branch, through each FUSE front end."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 from behaviour_cases import CASES, Case, run_case
 from fsfacade import OsFacade
-from mountutil import mounted_branch
+from mountutil import IMPLS, mounted_branch
 from treehash import tree_fingerprint
 
 pytestmark = pytest.mark.mount
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_case_on_mount(case: type[Case], world_dir: Path) -> None:
+def test_case_on_mount(case: type[Case], impl: str, world_dir: Path) -> None:
     with ExitStack() as stack:
         seen: list[tuple[str, dict[str, tuple[object, ...]]]] = []
 
@@ -26,7 +27,7 @@ def test_case_on_mount(case: type[Case], world_dir: Path) -> None:
             base.mkdir(mode=0o755)
             setup_base(str(base))
             seen.append((str(base), tree_fingerprint(str(base))))
-            mb = stack.enter_context(mounted_branch(base, world_dir))
+            mb = stack.enter_context(mounted_branch(base, world_dir, impl=impl))
             os.chmod(mb.mountpoint, 0o755)
             return OsFacade(str(mb.mountpoint))
 

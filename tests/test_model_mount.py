@@ -16,20 +16,19 @@ from fsfacade import FsFacade, OsFacade
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import run_state_machine_as_test
 from model_stateful import make_overlay_machine, populate_base
-from mountutil import mounted_branch, require_fuse
+from mountutil import IMPLS, mounted_branch, require_fuse
 
 pytestmark = pytest.mark.mount
 
 
-def make_mount_target() -> tuple[FsFacade, str, Callable[[], None]]:
+def make_mount_target(impl: str = "pyfuse3") -> tuple[FsFacade, str, Callable[[], None]]:
     tmp = tempfile.mkdtemp(prefix="agentfs-model-mnt-")
     base = os.path.join(tmp, "base")
     os.mkdir(base)
     populate_base(base)
     stack = contextlib.ExitStack()
     try:
-        mb = stack.enter_context(mounted_branch(Path(base),
-                                                Path(tmp)))
+        mb = stack.enter_context(mounted_branch(Path(base), Path(tmp), impl=impl))
     except BaseException:
         stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -43,13 +42,16 @@ def make_mount_target() -> tuple[FsFacade, str, Callable[[], None]]:
 
 
 MountModelMachine = make_overlay_machine(make_mount_target)
+MACHINES = {"pyfuse3": MountModelMachine,
+            "mfusepy": make_overlay_machine(lambda: make_mount_target("mfusepy"))}
 
 
-def test_model_on_mount() -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_on_mount(impl: str) -> None:
     require_fuse()
     old = os.umask(0o022)
     try:
-        run_state_machine_as_test(MountModelMachine, settings=settings(
+        run_state_machine_as_test(MACHINES[impl], settings=settings(
             max_examples=25, stateful_step_count=40, deadline=None,
             suppress_health_check=[HealthCheck.too_slow]))
     finally:

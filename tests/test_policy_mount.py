@@ -73,15 +73,19 @@ class View:
         return run_cli("--store", str(self.store), *args, env=self.env, check=check)
 
 
-@pytest.fixture(params=["pinned", "per-process"])
+@pytest.fixture(params=["pinned", "per-process", "pinned-mfusepy"])
 def view(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[View]:
+    """Both mount modes of the pyfuse3 front end, and the mfusepy front end (pinned:
+    the only mode it has)."""
     require_fuse()
     base = tmp_path / "base"
     make_base(base)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    if request.param == "pinned":
-        with mounted_branch(base, tmp_path, "b", mount_opts=("--policy", str(policy))) as mb:
+    if request.param.startswith("pinned"):
+        impl = "mfusepy" if request.param.endswith("mfusepy") else "pyfuse3"
+        with mounted_branch(base, tmp_path, "b", mount_opts=("--policy", str(policy)),
+                            impl=impl) as mb:
             yield View(mb.mountpoint, policy, mb.store, mb.env, mb.mountpoint)
         return
     env = cli_env(tmp_path / "home")

@@ -35,6 +35,9 @@ def mount(ctx: typer.Context, mountpoint: Path,
           audit_strict: bool = typer.Option(False, "--audit-strict",
                                             help="refuse operations while the audit log "
                                                  "cannot record them"),
+          impl: str | None = typer.Option(None, "--impl",
+                                          help="FUSE front end: pyfuse3 (Linux default) or "
+                                               "mfusepy (macOS FUSE-T); or $AGENTFS_FUSE_IMPL"),
           debug: bool = typer.Option(False, "--debug", help="log every FUSE request")) -> None:
     """Mount a branch (or per-process views) at MOUNTPOINT; returns once it is ready."""
     store = open_store(ctx)
@@ -42,7 +45,7 @@ def mount(ctx: typer.Context, mountpoint: Path,
     if not foreground:
         pid = lifecycle.start_mount(store, branch, mountpoint, debug, per_process,
                                     default_branch, deny_unbound, policy, audit,
-                                    audit_strict)
+                                    audit_strict, impl)
         typer.echo(f"mounted {what} at {mountpoint.resolve()} (daemon pid {pid})")
         return
     from agentfs.mount import daemon
@@ -66,8 +69,14 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                 per_process=per_process, default_branch=default_branch,
                                 deny_unbound=deny_unbound, debug=debug,
                                 policy_path=os.path.abspath(policy) if policy else None,
-                                audit=audit, audit_strict=audit_strict)
-    code = daemon.serve(config, ready)
+                                audit=audit, audit_strict=audit_strict,
+                                impl=lifecycle.choose_impl(impl))
+    if config.impl == "mfusepy":
+        from agentfs.mount.mfuse_daemon import serve_mfusepy
+
+        code = serve_mfusepy(config, ready)
+    else:
+        code = daemon.serve(config, ready)
     if failure:
         raise UserError(failure[0])
     raise typer.Exit(code)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -28,6 +28,7 @@ from agentfs.branches.store import Store
 from agentfs.errors import UserError
 from agentfs.mount import control
 from agentfs.mount.fuse3_ops import AgentfsOperations
+from agentfs.mount.mfuse_ops import MfuseOperations
 from agentfs.mount.perprocess import PerProcessOperations
 from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
@@ -41,6 +42,7 @@ from agentfs.proc import command_line, exe_of, parent_pid, thread_group
 from agentfs.trash.service import Trash
 
 log = logging.getLogger(__name__)
+IMPLS = ("pyfuse3", "mfusepy")
 POLICY_POLL = 1.0  # seconds between looks at the policy files' mtimes
 TRASH_PURGE_EVERY = 600.0  # seconds between applications of the trash retention limits
 
@@ -70,6 +72,7 @@ class MountConfig:
     policy_path: str | None = None     # None: the built-in default policy
     audit: bool = True
     audit_strict: bool = False         # refuse operations while events cannot be recorded
+    impl: str = "pyfuse3"              # the FUSE binding: pyfuse3 or mfusepy
 
 
 class Daemon:
@@ -86,8 +89,16 @@ class Daemon:
         self.trash.finalize_stale()
         self.audit = (AuditLog(config.store_root, str(config.mountpoint), config.audit_strict)
                       if config.audit else None)
-        self.ops: AgentfsOperations | PerProcessOperations
-        if config.per_process:
+        self.ops: AgentfsOperations | PerProcessOperations | MfuseOperations
+        if config.impl == "mfusepy":
+            if config.per_process:
+                raise UserError("per-process views need the pyfuse3 front end "
+                                "(drop --impl mfusepy)")
+            assert config.branch is not None
+            overlay = open_branch_view(store, config.branch)
+            self.ops = MfuseOperations(overlay, self._guard(overlay, config.branch),
+                                       self._recorder(config.branch))
+        elif config.per_process:
             for name in filter(None, [config.default_branch]):
                 store.branch(name)
             self.ops = PerProcessOperations(store, self.sessions, config.default_branch,
@@ -107,7 +118,7 @@ class Daemon:
     def _recorder(self, branch: str) -> Recorder | None:
         return Recorder(self.audit, branch) if self.audit is not None else None
 
-    def _views(self) -> list[AgentfsOperations]:
+    def _views(self) -> list[AgentfsOperations | MfuseOperations]:
         if isinstance(self.ops, PerProcessOperations):
             return list(self.ops.views.values())
         return [self.ops]
@@ -145,7 +156,7 @@ class Daemon:
             if n:
                 log.info("audit retention: removed %d events", n)
 
-    def _view_of(self, branch: str) -> AgentfsOperations | None:
+    def _view_of(self, branch: str) -> AgentfsOperations | MfuseOperations | None:
         if isinstance(self.ops, PerProcessOperations):
             self.store.branch(branch)
             return self.ops.view(branch)
@@ -185,7 +196,7 @@ class Daemon:
         op = req.get("op")
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
-        if op == "fork" and isinstance(self.ops, AgentfsOperations):
+        if op == "fork" and not isinstance(self.ops, PerProcessOperations):
             layer = Layer.open_store_layer(int(req["layer_id"]), str(req["layer_dir"]))
             self.ops.ov.push_top(layer)
             log.info("forked: new top layer %s", req["layer_id"])
@@ -239,6 +250,7 @@ class Daemon:
         return {"ok": False, "error": f"unknown request {op!r}"}
 
     async def run(self) -> None:
+        """The pyfuse3 loop plus the daemon's own tasks, all on one trio thread."""
         async with trio.open_nursery() as nursery:
             async def on_signal() -> None:
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT,
@@ -251,34 +263,39 @@ class Daemon:
                         pyfuse3.terminate()
                         return
 
-            async def keep_trash_in_bounds() -> None:
-                while True:
-                    try:
-                        await trio.to_thread.run_sync(self.apply_retention)
-                    except Exception:
-                        log.exception("trash/audit retention failed")
-                    await trio.sleep(TRASH_PURGE_EVERY)
-
-            async def watch_policy_files() -> None:
-                while True:
-                    await trio.sleep(POLICY_POLL)
-                    self.reload_policies(only_changed=True)
-
-            async def end_sessions() -> None:
-                while True:
-                    await trio.sleep(1.0)
-                    for gone in self.sessions.prune():
-                        log.info("session of pid %s (%s) ended", gone.pid, gone.branch)
-
             nursery.start_soon(on_signal)
-            nursery.start_soon(watch_policy_files)
-            nursery.start_soon(keep_trash_in_bounds)
-            nursery.start_soon(end_sessions)
-            nursery.start_soon(control.serve,
-                               control.socket_path(self.config.store_root, os.getpid()),
-                               self.handle)
+            self.start_tasks(nursery, _direct)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
+
+    def start_tasks(self, nursery: trio.Nursery, guarded: Guarded) -> None:
+        """Policy file watching, retention, session pruning and the control socket.
+        *guarded* runs a call under whatever lock the front end's engine needs."""
+        async def keep_trash_in_bounds() -> None:
+            while True:
+                try:
+                    await trio.to_thread.run_sync(self.apply_retention)
+                except Exception:
+                    log.exception("trash/audit retention failed")
+                await trio.sleep(TRASH_PURGE_EVERY)
+
+        async def watch_policy_files() -> None:
+            while True:
+                await trio.sleep(POLICY_POLL)
+                guarded(lambda: self.reload_policies(only_changed=True))
+
+        async def end_sessions() -> None:
+            while True:
+                await trio.sleep(1.0)
+                for gone in guarded(self.sessions.prune):
+                    log.info("session of pid %s (%s) ended", gone.pid, gone.branch)
+
+        nursery.start_soon(watch_policy_files)
+        nursery.start_soon(keep_trash_in_bounds)
+        nursery.start_soon(end_sessions)
+        nursery.start_soon(control.serve,
+                           control.socket_path(self.config.store_root, os.getpid()),
+                           lambda req, pid: guarded(lambda: self.handle(req, pid)))
 
     def close(self) -> None:
         if isinstance(self.ops, PerProcessOperations):
@@ -290,6 +307,14 @@ class Daemon:
             self.audit.close()
 
 
+T = TypeVar("T")
+Guarded = Callable[[Callable[[], Any]], Any]
+
+
+def _direct(call: Callable[[], T]) -> T:
+    return call()
+
+
 def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     """Mount and serve; *ready* is called with None once mounted, or with the reason."""
     try:
@@ -298,7 +323,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     except UserError as exc:
         ready(str(exc))
         return 1
-    _raise_fd_limit()
+    raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel
     try:
         pyfuse3.init(daemon.ops, config.mountpoint, fuse_options(config.debug))
@@ -322,7 +347,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     return 0
 
 
-def _raise_fd_limit() -> None:
+def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -340,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=-1)
     parser.add_argument("--log-path", default="")
     parser.add_argument("--policy")
+    parser.add_argument("--impl", choices=IMPLS, default="pyfuse3")
     parser.add_argument("--no-audit", action="store_true")
     parser.add_argument("--audit-strict", action="store_true")
     args = parser.parse_args(argv)
@@ -359,7 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                          default_branch=args.default_branch, deny_unbound=args.deny_unbound,
                          debug=args.debug, log_path=args.log_path,
                          policy_path=args.policy, audit=not args.no_audit,
-                         audit_strict=args.audit_strict)
+                         audit_strict=args.audit_strict, impl=args.impl)
+    if config.impl == "mfusepy":
+        from agentfs.mount.mfuse_daemon import serve_mfusepy
+
+        return serve_mfusepy(config, ready)
     return serve(config, ready)
 
 

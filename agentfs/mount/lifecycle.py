@@ -21,6 +21,19 @@ READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
 
 
+IMPLS = ("pyfuse3", "mfusepy")
+
+
+def choose_impl(impl: str | None) -> str:
+    """The FUSE binding: as asked, else $AGENTFS_FUSE_IMPL, else pyfuse3 on Linux and
+    mfusepy elsewhere (macOS FUSE-T has no low-level API)."""
+    chosen = impl or os.environ.get("AGENTFS_FUSE_IMPL") or (
+        "pyfuse3" if sys.platform.startswith("linux") else "mfusepy")
+    if chosen not in IMPLS:
+        raise UserError(f"unknown FUSE front end {chosen!r} (choose {' or '.join(IMPLS)})")
+    return chosen
+
+
 def check_fuse() -> None:
     """Fail with one clear line if this machine cannot mount FUSE filesystems."""
     if not os.path.exists("/dev/fuse"):
@@ -50,8 +63,10 @@ def check_mountpoint(mountpoint: Path) -> str:
 
 def daemon_args(branch: str | None, per_process: bool, default_branch: str | None,
                 deny_unbound: bool, debug: bool, policy: str | None = None,
-                audit: bool = True, audit_strict: bool = False) -> list[str]:
+                audit: bool = True, audit_strict: bool = False, impl: str | None = None
+                ) -> list[str]:
     args = ["--branch", branch] if branch else []
+    args += ["--impl", choose_impl(impl)]
     if not audit:
         args.append("--no-audit")
     if audit_strict:
@@ -85,7 +100,7 @@ def check_mode(store: Store, branch: str | None, per_process: bool,
 def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool = False,
                 per_process: bool = False, default_branch: str | None = None,
                 deny_unbound: bool = False, policy: str | None = None, audit: bool = True,
-                audit_strict: bool = False) -> int:
+                audit_strict: bool = False, impl: str | None = None) -> int:
     """Start a background daemon and return its pid once the mount is ready."""
     check_mode(store, branch, per_process, default_branch, deny_unbound)
     if policy:
@@ -97,7 +112,7 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
     cmd = [sys.executable, "-m", "agentfs.mount.daemon", "--store", str(store.root),
            "--mountpoint", path, "--ready-fd", str(w), "--log-path", str(log_path),
            *daemon_args(branch, per_process, default_branch, deny_unbound, debug, policy,
-                         audit, audit_strict)]
+                         audit, audit_strict, impl)]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, pass_fds=(w,),

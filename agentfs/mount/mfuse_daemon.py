@@ -1,0 +1,124 @@
+"""Serving a mount through the mfusepy front end (libfuse's high-level API).
+
+libfuse owns the main thread (its loop, and SIGINT/SIGTERM to unmount).  The daemon's
+own work (control socket, policy file watching, retention) runs in a trio loop on a
+second thread, taking the front end's lock around anything that touches the engine.
+SIGHUP means "reload the policy" here as in the pyfuse3 daemon: it is blocked in every
+thread and picked up by a thread that waits for it, so libfuse never sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from agentfs.branches.store import Store
+from agentfs.errors import UserError
+from agentfs.mount.daemon import Daemon, MountConfig, raise_fd_limit
+from agentfs.mount.mfuse_ops import ENTRY_TIMEOUT, AgentfsFUSE, MfuseOperations
+
+log = logging.getLogger(__name__)
+
+
+class _Background:
+    """The trio loop of the daemon's own tasks, on its own thread."""
+
+    def __init__(self, daemon: Daemon, lock: threading.RLock) -> None:
+        self.daemon, self.lock = daemon, lock
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.scope: trio.CancelScope | None = None
+        self.thread = threading.Thread(target=self._run, name="agentfs-control", daemon=True)
+
+    def _guarded(self, call: Callable[[], Any]) -> Any:
+        with self.lock:
+            return call()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                self.scope = scope
+                async with trio.open_nursery() as nursery:
+                    self.daemon.start_tasks(nursery, self._guarded)
+        try:
+            trio.run(main)
+        except Exception:
+            log.exception("the control loop failed")
+
+    def stop(self) -> None:
+        if self.token is not None and self.scope is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self.scope.cancel)
+        self.thread.join(timeout=10)
+
+
+def _reload_on_sighup(daemon: Daemon, lock: threading.RLock) -> None:
+    while True:
+        signal.sigwait({signal.SIGHUP})
+        log.info("SIGHUP: reloading the policy")
+        with lock:
+            daemon.reload_policies()
+
+
+def serve_mfusepy(config: MountConfig, ready: Callable[[str | None], None]) -> int:
+    """Mount and serve through mfusepy; *ready* as for `daemon.serve`."""
+    # before any thread exists (the audit writer starts with the daemon): every thread
+    # inherits the mask, so only the waiting thread below ever takes SIGHUP
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        store = Store(config.store_root)
+        daemon = Daemon(config, store)
+    except UserError as exc:
+        ready(str(exc))
+        return 1
+    ops = daemon.ops
+    assert isinstance(ops, MfuseOperations)
+    raise_fd_limit()
+    os.umask(0)
+    background = _Background(daemon, ops.engine_lock)
+    mounted = threading.Event()
+
+    def on_ready() -> None:
+        store.add_mount(config.branch, config.mountpoint, os.getpid(), "pinned",
+                        config.log_path)
+        mounted.set()
+        background.thread.start()
+        ready(None)
+        log.info("serving %s at %s (pinned, mfusepy)", config.branch, config.mountpoint)
+
+    ops.on_ready = on_ready
+    threading.Thread(target=_reload_on_sighup, args=(daemon, ops.engine_lock), daemon=True,
+                     name="agentfs-sighup").start()
+    options: dict[str, Any] = {
+        "foreground": True, "fsname": "agentfs", "subtype": "agentfs",
+        "default_permissions": True, "use_ino": True,
+        # names are cached briefly; attributes not at all: libfuse gives each name of a
+        # hard-linked file its own kernel inode, so a cached nlink or size could be stale
+        "attr_timeout": 0, "entry_timeout": ENTRY_TIMEOUT,
+        "negative_timeout": 0, "debug": config.debug}
+    if os.getuid() == 0:
+        options["allow_other"] = True
+    try:
+        AgentfsFUSE(ops, config.mountpoint, **options)
+    except RuntimeError as exc:
+        if not mounted.is_set():
+            ready(f"could not mount {config.mountpoint}: libfuse error {exc}")
+            daemon.close()
+            store.close()
+            return 1
+        log.error("the FUSE loop ended with an error: %s", exc)
+    finally:
+        if mounted.is_set():
+            background.stop()
+    daemon.close()
+    store.remove_mount(config.mountpoint)
+    store.close()
+    log.info("unmounted %s", config.mountpoint)
+    return 0
