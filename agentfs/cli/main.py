@@ -13,6 +13,7 @@ from agentfs.cli import (
     branch,
     mount_cmds,
     policy_cmds,
+    run_cmd,
     session_cmds,
     store_cmds,
     trash_cmds,
@@ -39,6 +40,8 @@ app.command("mount")(mount_cmds.mount)
 app.command("umount")(mount_cmds.umount)
 app.command("exec", context_settings={"ignore_unknown_options": True})(session_cmds.exec_)
 app.command("bind")(session_cmds.bind)
+app.command("run", context_settings={"ignore_unknown_options": True,
+                                     "allow_extra_args": True})(run_cmd.run)
 app.command("prompts")(approval_cmds.prompts)
 app.command("approve")(approval_cmds.approve)
 app.command("deny")(approval_cmds.deny)

@@ -1,0 +1,59 @@
+"""`agentfs run`: run a command in a sandbox that sees the project through a branch."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from agentfs.cli.common import open_store
+
+
+def run(ctx: typer.Context,
+        branch: str = typer.Option(..., "--branch", "-b", help="the branch CMD works on"),
+        create: bool = typer.Option(False, "--create", help="create the branch if missing"),
+        policy: str | None = typer.Option(None, "--policy",
+                                          help="policy file for the branch's mount (refused "
+                                               "if the branch is already mounted with "
+                                               "another one)"),
+        full: bool = typer.Option(False, "--full",
+                                  help="the whole root through the overlay (not supported; "
+                                       "fails with the reason)"),
+        network: bool = typer.Option(True, "--network/--no-network",
+                                     help="share the host's network, or only a private "
+                                          "loopback"),
+        keep_mount: bool = typer.Option(False, "--keep-mount",
+                                        help="leave the branch mounted after CMD exits"),
+        cmd: list[str] = typer.Argument(..., metavar="CMD",
+                                        help="the command and its arguments"),
+        ) -> None:
+    """Run CMD in a sandbox where the project is BRANCH; exits with CMD's status.
+
+    Inside, the project's directory shows the branch (read-write, through
+    the overlay; the base is never written), the rest of the system is
+    read-only, /tmp is private, /proc shows only the sandbox's processes,
+    and the store and credentials (~/.ssh, cloud keys, ...) are hidden.
+    Needs root; started through sudo, CMD runs as the invoking user,
+    otherwise as root without the dangerous capabilities.
+
+    One daemon per branch: if the branch is already mounted (by `agentfs
+    mount` or by another run), the sandbox uses that mount and its policy,
+    so concurrent runs of one branch see each other's writes at once.  A
+    mount this command started is unmounted by the last run using it,
+    unless --keep-mount."""
+    from agentfs.sandbox import launch
+
+    if sys.platform == "darwin":
+        from agentfs.sandbox import macos
+
+        store = open_store(ctx)
+        raise typer.Exit(macos.run(store, branch=branch, cmd=list(cmd), create=create,
+                                   policy=policy, network=network, keep_mount=keep_mount,
+                                   full=full))
+    launch.check_root()  # before the store: a user may not even be able to read it
+    store = open_store(ctx)
+    request = launch.RunRequest(branch=branch, cmd=tuple(cmd), create=create, policy=policy,
+                                network=network, keep_mount=keep_mount, full=full)
+    code = launch.run_sandbox(store, request)
+    sys.stdout.flush()
+    raise typer.Exit(code)
