@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agentfs.branches.schema import (
@@ -187,6 +188,13 @@ class Store:
         writing it (*parent_live* False), the fork rests on the layer below instead, so
         repeated forks do not pile up empty layers."""
         validate_branch_name(name)
+        try:
+            return self._create_branch(name, from_branch, parent_live)
+        except IntegrityError:  # another process created it between our check and insert
+            raise UserError(f"branch {name!r} already exists") from None
+
+    def _create_branch(self, name: str, from_branch: str | None, parent_live: bool
+                       ) -> BranchInfo:
         with self.session() as s:
             if s.scalar(select(BranchRow).where(BranchRow.name == name)) is not None:
                 raise UserError(f"branch {name!r} already exists")

@@ -10,12 +10,13 @@ the socket is mode 0600.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,23 @@ MAX_REQUEST = 64 * 1024
 
 def socket_path(store_root: Path, pid: int) -> Path:
     return store_root / "run" / f"ctl-{pid}.sock"
+
+
+MAX_SUN_PATH = 100  # sockaddr_un holds 108 bytes; stay clear of the edge
+
+
+@contextlib.contextmanager
+def reachable(path: Path) -> Iterator[str]:
+    """A name for *path* short enough for a unix socket address: a store deep in the
+    filesystem gets its directory through /proc/self/fd (the kernel resolves it)."""
+    if len(os.fsencode(str(path))) <= MAX_SUN_PATH:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 def peer_creds(sock: socket.socket) -> tuple[int, int]:
@@ -47,7 +65,8 @@ async def serve(path: Path, handle: Handler) -> None:
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        await listener.bind(str(path))
+        with reachable(path) as name:
+            await listener.bind(name)
     finally:
         os.umask(old)
     listener.listen(16)
@@ -91,7 +110,8 @@ def request(path: Path, message: dict[str, Any], timeout: float = 60.0) -> dict[
     """Send one request to a daemon and return its reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(str(path))
+        with reachable(path) as name:
+            sock.connect(name)
         sock.sendall(json.dumps(message).encode() + b"\n")
         buf = b""
         while b"\n" not in buf:

@@ -107,6 +107,7 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
         load_policy(policy)  # a bad file is the user's error, reported before mounting
     check_fuse()
     path = check_mountpoint(mountpoint)
+    prune_logs(store.root / "run")
     log_path = store.root / "run" / f"mount-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.log"
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "agentfs.mount.daemon", "--store", str(store.root),
@@ -129,6 +130,19 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
         reason = message[4:] if message.startswith("ERR ") else _tail(log_path)
         raise UserError(reason or f"mount failed (see {log_path})")
     return proc.pid
+
+
+LOG_KEEP_DAYS = 14
+
+
+def prune_logs(run_dir: Path, keep_days: float = LOG_KEEP_DAYS) -> None:
+    """Daemon logs of mounts that ended more than *keep_days* ago go (a running
+    daemon keeps writing to its log, so its mtime stays fresh)."""
+    cutoff = time.time() - keep_days * 86400
+    for log_file in run_dir.glob("mount-*.log"):
+        with contextlib.suppress(OSError):
+            if log_file.stat().st_mtime < cutoff:
+                log_file.unlink()
 
 
 def _read_ready(fd: int, proc: subprocess.Popen[bytes]) -> str:
