@@ -568,8 +568,6 @@ def test_errors_are_one_line(project: Project) -> None:
     res = project.run("--branch", "nope", script="true")
     assert (res.returncode, res.stderr) == (1, "agentfs: unknown branch 'nope' (branches: "
                                                "none)\n")
-    res = project.run("--branch", "b", "--create", "--full", script="true")
-    assert res.returncode == 1 and res.stderr == f"agentfs: {launch.FULL_MESSAGE}\n"
     res = project.run("--branch", "b")
     assert res.returncode == 2 and "Missing argument" in res.stderr
     # --keep-mount leaves the mount; runs join it with its policy, another one is refused
@@ -636,3 +634,33 @@ def test_mountinfo_options_and_escapes() -> None:
 def test_exit_codes_follow_the_shell() -> None:
     for status, code in ((0, 0), (1 << 8, 1), (signal.SIGKILL, 137), (signal.SIGTERM, 143)):
         assert nsinit.exit_code(status) == code
+
+
+@pytest.mark.timeout(240)
+def test_full_puts_the_whole_root_through_a_branch(project: Project) -> None:
+    """--full: writes anywhere land in a root branch, the project's in the project
+    branch; the host and the base stay as they were, agentfs stays invisible."""
+    marker = f"agentfs-full-{os.getpid()}"
+    script = (f"echo system > /etc/{marker} && mkdir /usr/{marker} && touch /usr/{marker}/f"
+              f" && echo more >> a.txt"
+              f" && rm dir/b.txt && cat /etc/{marker} && test -e /usr/{marker}"
+              f" && ! ls {project.store} 2>/dev/null | grep -q . && echo hidden"
+              f" && ls /proc | grep -c '^[0-9]'")
+    out = _ok(project.run("--branch", "b", "--create", "--full", script=script))
+    lines = out.split()
+    assert lines[:2] == ["system", "hidden"] and int(lines[2]) < 10, out
+    assert not os.path.exists(f"/etc/{marker}") and not os.path.exists(f"/usr/{marker}")
+    assert (project.base / "a.txt").read_text() == "alpha\n"
+    assert (project.base / "dir" / "b.txt").exists()
+    changes = project.cli("branch", "diff", "b", "--name-status").stdout
+    assert "M\ta.txt" in changes and "D\tdir/b.txt" in changes, changes
+    root_store = project.home / "root-store"
+    names = run_cli("--store", str(root_store), "branch", "list", env=project.env).stdout
+    [root_branch] = [n for n in names.split() if n.endswith("--b")]
+    system = run_cli("--store", str(root_store), "branch", "diff", root_branch,
+                     "--name-status", env=project.env).stdout
+    assert f"A\tetc/{marker}" in system and f"A\tusr/{marker}/f" in system, system
+    assert "a.txt" not in system  # the project's changes are the project branch's
+    project.assert_no_residue()
+    assert not any(linux.is_within(m, str(root_store)) for m in _mounts())
+    assert list((root_store / "run").glob("sandbox-*")) == []

@@ -119,7 +119,11 @@ class Store:
 
     # -- creation and discovery ------------------------------------------
     @classmethod
-    def create(cls, base: Path, root: Path | None = None) -> Store:
+    def create(cls, base: Path, root: Path | None = None, whole_root: bool = False
+               ) -> Store:
+        """*whole_root*: a store of "/" itself (`agentfs run --full`): it lives inside its
+        base, so its views hide it and every other agentfs path, and it is not
+        registered (every directory is inside "/")."""
         base = base.expanduser()
         if not base.exists():
             raise UserError(f"base directory {base} does not exist")
@@ -131,7 +135,7 @@ class Store:
         root = root.expanduser().absolute()
         if (root / "meta.db").exists():
             raise UserError(f"a store already exists at {root}")
-        if _is_within(root, base):
+        if _is_within(root, base) and not whole_root:
             raise UserError(f"the store ({root}) must not be inside the base ({base})")
         for sub in ("layers", "run"):
             (root / sub).mkdir(parents=True, exist_ok=True)
@@ -142,8 +146,11 @@ class Store:
             s.add_all([StoreInfo(key="schema_version", value=str(SCHEMA_VERSION)),
                        StoreInfo(key="base_path", value=str(base)),
                        StoreInfo(key="created", value=_now().isoformat())])
+            if whole_root:
+                s.add(StoreInfo(key="whole_root", value="1"))
         engine.dispose()
-        register(base, root)
+        if not whole_root:
+            register(base, root)
         return cls(root)
 
     @classmethod
@@ -172,6 +179,20 @@ class Store:
         with Session(self.engine) as s:
             row = s.get(StoreInfo, key)
             return row.value if row else None
+
+    def hidden_in_base(self) -> frozenset[str]:
+        """What the views of this store must not show of the base: nothing, except for
+        a whole-root store, which hides agentfs' home, every registered store and
+        itself (relative to the base)."""
+        if self.info("whole_root") != "1":
+            return frozenset()
+        paths = {self.root, agentfs_home(), *(Path(r) for r in load_registry().values())}
+        out = set()
+        for p in paths:
+            resolved = p.resolve()
+            if _is_within(resolved, self.base):
+                out.add(str(resolved.relative_to(self.base.resolve())))
+        return frozenset(p for p in out if p and p != ".")
 
     def set_info(self, key: str, value: str) -> None:
         with self.session() as s:

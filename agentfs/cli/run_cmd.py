@@ -17,8 +17,8 @@ def run(ctx: typer.Context,
                                                "if the branch is already mounted with "
                                                "another one)"),
         full: bool = typer.Option(False, "--full",
-                                  help="the whole root through the overlay (not supported; "
-                                       "fails with the reason)"),
+                                  help="the whole root through the overlay: every write "
+                                       "in the system goes to a branch (slower)"),
         network: bool = typer.Option(True, "--network/--no-network",
                                      help="share the host's network, or only a private "
                                           "loopback"),
@@ -31,7 +31,8 @@ def run(ctx: typer.Context,
 
     Inside, the project's directory shows the branch (read-write, through
     the overlay; the base is never written), the rest of the system is
-    read-only, /tmp is private, /proc shows only the sandbox's processes,
+    read-only (with --full: writable too, through a root branch of its own
+    in <agentfs home>/root-store), /tmp is private, /proc shows only the sandbox's processes,
     and the store and credentials (~/.ssh, cloud keys, ...) are hidden.
     Needs root; started through sudo, CMD runs as the invoking user,
     otherwise as root without the dangerous capabilities.

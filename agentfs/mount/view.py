@@ -14,7 +14,7 @@ def open_branch_layers(store: Store, branch: str) -> list[Layer]:
     if not store.base.is_dir():
         raise UserError(f"base directory {store.base} is missing")
     layers = [Layer.open_store_layer(lid, str(store.layer_dir(lid))) for lid in info.layer_stack]
-    layers.append(Layer.open_base(str(store.base)))
+    layers.append(Layer.open_base(str(store.base), store.hidden_in_base()))
     return layers
 
 

@@ -47,10 +47,22 @@ class Layer:
     # overlay ino -> index file name, for the (rare) hard-linked copy-ups
     indexed: set[int] = field(default_factory=set)
     _meta: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # base only: paths (relative to the base) the view must not show, and the names of
+    # their first components, which are all a lookup has to test most of the time
+    hidden: frozenset[str] = frozenset()
+    _hidden_heads: frozenset[str] = frozenset()
 
     @classmethod
-    def open_base(cls, path: str) -> Layer:
-        return cls(layer_id=0, tree=HostDir(path), is_base=True)
+    def open_base(cls, path: str, hidden: frozenset[str] = frozenset()) -> Layer:
+        """*hidden*: for a base that contains agentfs itself (a whole-root view), the
+        store and agentfs' home, which the view must never show."""
+        return cls(layer_id=0, tree=HostDir(path), is_base=True, hidden=hidden,
+                   _hidden_heads=frozenset(h.split("/", 1)[0] for h in hidden))
+
+    def hides(self, path: str) -> bool:
+        if not self.hidden or path.split("/", 1)[0] not in self._hidden_heads:
+            return False
+        return any(path == h or path.startswith(h + "/") for h in self.hidden)
 
     @classmethod
     def open_store_layer(cls, layer_id: int, path: str) -> Layer:

@@ -146,6 +146,8 @@ class Resolver:
         return sub
 
     def _locate_base(self, path: str, k: int) -> Loc | None:
+        if self.layers[k].hides(path):
+            return None
         host = self.layers[k].tree
         st = host.try_lstat(path)
         if st is None:

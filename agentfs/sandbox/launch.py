@@ -53,19 +53,13 @@ from agentfs.branches.store import MountInfo, Store, agentfs_home, mounted_paths
 from agentfs.errors import UserError
 from agentfs.mount import control, lifecycle
 from agentfs.policy.loader import load_policy
-from agentfs.sandbox import linux, nsinit, rootfs
+from agentfs.sandbox import full, linux, nsinit, rootfs
 from agentfs.sandbox.nsinit import Identity, SandboxPlan
 
 log = logging.getLogger(__name__)
 
 ROOT_MESSAGE = ("agentfs run needs root (it mounts FUSE, creates namespaces and pivots "
                 "root); run it with sudo")
-FULL_MESSAGE = (
-    "--full (the whole root through the overlay) is not supported: it needs a store "
-    "whose base is /, and a store can never be inside its own base (the view would show "
-    "the store's layers, trash, audit log and control sockets, and its own mount); "
-    "without --full the project is writable through the branch and everything else is "
-    "read-only")
 SANDBOX_DIR = re.compile(r"sandbox-(\d+)-[^/]+")
 LAZY_EXIT_TIMEOUT = 10.0
 STATUS_TIMEOUT = 5.0
@@ -153,8 +147,6 @@ def ensure_branch(store: Store, name: str) -> None:
 def run_sandbox(store: Store, req: RunRequest) -> int:
     """Run req.cmd in a sandbox on req.branch; return its exit status."""
     check_root()
-    if req.full:
-        raise UserError(FULL_MESSAGE)
     if not req.cmd:
         raise UserError("no command given: agentfs run --branch NAME -- CMD [ARGS...]")
     check_namespaces(req.network)
@@ -170,8 +162,12 @@ def run_sandbox(store: Store, req: RunRequest) -> int:
         cwd = "/"
     own_dir = Path(tempfile.mkdtemp(prefix=f"sandbox-{os.getpid()}-", dir=store.root / "run"))
     lease: ViewLease | None = None
+    whole: tuple[Store, Path] | None = None
+    whole_lease: ViewLease | None = None
     with SignalRelay() as signals:
         try:
+            if req.full:
+                whole, whole_lease = _whole_root_view(store, req, signals)
             lease = acquire_view(store, req.branch, req.policy, req.keep_mount, own_dir)
             (own_dir / "root").mkdir()
             plan = SandboxPlan(
@@ -179,15 +175,42 @@ def run_sandbox(store: Store, req: RunRequest) -> int:
                     new_root=str(own_dir / "root"), view=str(lease.mountpoint),
                     project=os.path.realpath(store.base),
                     hidden=(os.path.realpath(store.root), os.path.realpath(agentfs_home())),
-                    homes=rootfs.home_directories((user.home,) if user else ())),
+                    homes=rootfs.home_directories((user.home,) if user else ()),
+                    whole_root=str(whole_lease.mountpoint) if whole_lease else None),
                 cwd=cwd, network=req.network, user=user, cmd=req.cmd,
                 foreground=_in_foreground())
             store.close()  # the forks below must not share its connections
-            locks = (lease.lock_fd,) if lease.lock_fd is not None else ()
+            if whole is not None:
+                whole[0].close()
+            locks = tuple(fd for fd in (lease.lock_fd,
+                                        whole_lease.lock_fd if whole_lease else None)
+                          if fd is not None)
             return _run(plan, locks, signals)
         finally:
             signals.interruptible = False  # the cleanup always finishes
-            finish(store, lease, own_dir)
+            try:
+                finish(store, lease, own_dir)
+            finally:
+                if whole is not None:
+                    finish(whole[0], whole_lease, whole[1])
+                    whole[0].close()
+
+
+def _whole_root_view(store: Store, req: RunRequest, signals: SignalRelay
+                     ) -> tuple[tuple[Store, Path], ViewLease]:
+    """--full: the root store's branch for this project branch, mounted (or joined)."""
+    root_store = full.open_root_store()
+    branch = full.root_branch_name(store, req.branch)
+    ensure_branch(root_store, branch)
+    home = Path(tempfile.mkdtemp(prefix=f"sandbox-{os.getpid()}-",
+                                 dir=root_store.root / "run"))
+    try:
+        lease = acquire_view(root_store, branch, req.policy, req.keep_mount, home)
+    except BaseException:
+        finish(root_store, None, home)
+        root_store.close()
+        raise
+    return (root_store, home), lease
 
 
 def finish(store: Store, lease: ViewLease | None, own_dir: Path,

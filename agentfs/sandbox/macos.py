@@ -237,12 +237,17 @@ def _stop_mount(_store: Store, view: Path, pid: int) -> None:
 MACOS_VIEW_OPS = launch.ViewOps(start=_start_mount, stop=_stop_mount)
 
 
+FULL_MESSAGE = ("--full is Linux-only: FUSE-T cannot serve a whole-root overlay the "
+                "sandbox could pivot into; without it the project is writable through the "
+                "branch and the rest of the system is read-only")
+
+
 def run(store: Store, *, branch: str, cmd: list[str], create: bool = False,
         policy: str | None = None, network: bool = True, keep_mount: bool = False,
         full: bool = False) -> int:
     """Run *cmd* in the branch's mount under sandbox-exec; return its exit status."""
     if full:
-        raise UserError(launch.FULL_MESSAGE)
+        raise UserError(FULL_MESSAGE)
     if not cmd:
         raise UserError("no command given: agentfs run --branch NAME -- CMD [ARGS...]")
     if not os.access(SANDBOX_EXEC, os.X_OK):

@@ -64,6 +64,7 @@ class RootSpec:
     project: str             # the base directory: where the view appears inside
     hidden: tuple[str, ...]  # masked wherever visible: the store, agentfs' home
     homes: tuple[str, ...]   # home directories whose secrets are masked
+    whole_root: str | None = None  # --full: the root branch's view, which becomes /
 
 
 def home_directories(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -83,10 +84,13 @@ def build_root(spec: RootSpec) -> None:
     """Assemble R and pivot into it (the caller is in fresh mount and pid namespaces)."""
     root = spec.new_root
     linux.make_rprivate("/")
-    linux.bind("/", root, recursive=True)
-    detached = linux.make_tree_readonly(root)
-    if detached:
-        log.info("detached mounts that refused read-only: %s", ", ".join(detached))
+    if spec.whole_root is not None:
+        _whole_root(spec.whole_root, root)
+    else:
+        linux.bind("/", root, recursive=True)
+        detached = linux.make_tree_readonly(root)
+        if detached:
+            log.info("detached mounts that refused read-only: %s", ", ".join(detached))
     _fresh_proc(root)
     _private_dev(root)
     for tmp in dict.fromkeys(os.path.realpath(p) for p in ("/tmp", "/var/tmp")):
@@ -104,6 +108,25 @@ def build_root(spec: RootSpec) -> None:
     _mask_everywhere(root, os.path.realpath("/run/user"), spec.project)
     _mask_sockets(root, spec.project)
     linux.pivot_root(root)
+
+
+def _whole_root(view: str, root: str) -> None:
+    """--full: the root branch's view is R, writable (every write lands in the branch);
+    the kernel's own filesystems cannot go through an overlay, so /sys is the host's,
+    read-only, and /run a private tmpfs (proc, dev and tmp follow as usual)."""
+    linux.bind(view, root)
+    try:
+        os.stat(root)
+    except OSError as exc:
+        raise OSError(exc.errno, f"the root branch's view is not usable: {exc.strerror}",
+                      view) from None
+    sys_dir = _inside(root, "/sys")
+    if os.path.isdir("/sys") and os.path.isdir(sys_dir):
+        linux.bind("/sys", sys_dir, recursive=True)
+        linux.make_tree_readonly(sys_dir)
+    run_dir = _inside(root, "/run")
+    if os.path.isdir(run_dir):
+        linux.mount_tmpfs(run_dir, linux.MS_NOSUID | linux.MS_NODEV, "mode=755")
 
 
 def _inside(root: str, path: str) -> str:
