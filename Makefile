@@ -3,6 +3,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# mounted tests mostly wait for daemons and subprocesses: run them side by side
+PYTEST_JOBS ?= auto
 
 .PHONY: setup demo test lint bench bench-quick stress clean
 setup:
@@ -16,7 +18,7 @@ lint: setup
 	$(VENV)/bin/mypy agentfs
 
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_JOBS) $(PYTEST_ARGS)
 
 stress: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

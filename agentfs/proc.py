@@ -99,3 +99,20 @@ def interrupted(tid: int) -> bool:
                 blocked = int(line.split()[1], 16)
         return bool(pending & ~blocked)
     return True  # the thread is gone: nobody is waiting any more
+
+
+def running(pid: int) -> bool:
+    """Is *pid* a live process?  A zombie is not: its parent (often init, which may be
+    slow to reap) only has to collect its status.  Without /proc (macOS): kill(0)."""
+    if pid <= 0:
+        return False
+    if not os.path.isdir("/proc/self"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    fields = _stat_fields(pid)
+    return fields is not None and bool(fields) and fields[0] not in ("Z", "X")

@@ -124,6 +124,26 @@ class MountedBranch:
         self.pid = None
 
 
+def init_store(base: Path, store: Path, branch: str, home: str) -> None:
+    """`agentfs init` + `agentfs branch create`, in-process: the CLI has tests of its
+    own, and two interpreter start-ups per mounted test add up."""
+    from agentfs.branches.store import Store
+
+    saved = os.environ.get("AGENTFS_HOME")
+    os.environ["AGENTFS_HOME"] = home
+    try:
+        created = Store.create(base, store)
+        try:
+            created.create_branch(branch)
+        finally:
+            created.close()
+    finally:
+        if saved is None:
+            os.environ.pop("AGENTFS_HOME", None)
+        else:
+            os.environ["AGENTFS_HOME"] = saved
+
+
 @contextlib.contextmanager
 def mounted_branch(base: Path, workdir: Path, branch: str = "test", init: bool = True,
                    store: Path | None = None,
@@ -138,8 +158,7 @@ def mounted_branch(base: Path, workdir: Path, branch: str = "test", init: bool =
                        branch=branch, env=env or cli_env(workdir / "home"),
                        mount_opts=mount_opts, impl=impl)
     if init:
-        run_cli("init", str(base), "--store", str(mb.store), env=mb.env)
-        mb.cli("branch", "create", branch)
+        init_store(base, mb.store, branch, mb.env["AGENTFS_HOME"])
     try:
         mb.mount()
         yield mb

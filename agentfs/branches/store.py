@@ -34,6 +34,7 @@ from agentfs.branches.schema import (
     StoreInfo,
 )
 from agentfs.errors import UserError
+from agentfs.proc import running
 
 BRANCH_NAME_MAX = 100
 _BAD_NAME = re.compile(r"[/\x00-\x1f\x7f]")
@@ -313,7 +314,7 @@ class Store:
         out, stale = [], []
         with Session(self.engine) as s:
             for row in s.scalars(select(MountRow).order_by(MountRow.id)):
-                if _pid_alive(row.pid) and row.mountpoint in mounted:
+                if running(row.pid) and row.mountpoint in mounted:
                     b = s.get(BranchRow, row.branch_id) if row.branch_id else None
                     out.append(MountInfo(row.mountpoint, b.name if b else "", row.pid,
                                          row.mode, row.started, row.log_path))
@@ -360,15 +361,6 @@ def _check_xattrs(root: Path) -> None:
     finally:
         probe.unlink()
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def mounted_paths() -> set[str]:

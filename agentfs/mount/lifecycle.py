@@ -16,6 +16,7 @@ from pathlib import Path
 from agentfs.branches.store import Store, load_registry, mounted_paths
 from agentfs.errors import UserError
 from agentfs.policy.loader import load_policy
+from agentfs.proc import running
 
 READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
@@ -217,14 +218,12 @@ def unmount(mountpoint: Path, store: Store | None = None, lazy: bool = False) ->
 def _wait_exit(pid: int) -> None:
     deadline = time.monotonic() + EXIT_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
-        time.sleep(0.05)
+        if not running(pid):
+            return
+        time.sleep(0.02)
     raise UserError(f"daemon {pid} did not exit within {EXIT_TIMEOUT:.0f} s after unmount")
 
 

@@ -53,6 +53,7 @@ from agentfs.branches.store import MountInfo, Store, agentfs_home, mounted_paths
 from agentfs.errors import UserError
 from agentfs.mount import control, lifecycle
 from agentfs.policy.loader import load_policy
+from agentfs.proc import running
 from agentfs.sandbox import full, linux, nsinit, rootfs
 from agentfs.sandbox.nsinit import Identity, SandboxPlan
 
@@ -218,7 +219,7 @@ def finish(store: Store, lease: ViewLease | None, own_dir: Path,
     """The cleanup of a run: its share of the view, then its sandbox directory."""
     try:
         if lease is not None:
-            if not _alive(lease.daemon_pid):
+            if not running(lease.daemon_pid):
                 print(f"agentfs: the daemon of {lease.mountpoint} (pid {lease.daemon_pid}) "
                       f"died during the run; see its log in {store.root / 'run'}",
                       file=sys.stderr)
@@ -403,11 +404,11 @@ def _check_same_policy(store: Store, m: MountInfo, policy: str) -> None:
     except OSError as exc:
         raise UserError(f"cannot ask the daemon of {m.mountpoint} which policy it "
                         f"enforces: {exc}") from None
-    running = str((reply.get("mount") or {}).get("path") or "")
-    if running and os.path.realpath(running) == os.path.realpath(policy):
+    in_force = str((reply.get("mount") or {}).get("path") or "")
+    if in_force and os.path.realpath(in_force) == os.path.realpath(policy):
         return
     raise UserError(f"branch {m.branch!r} is already mounted at {m.mountpoint} (daemon pid "
-                    f"{m.pid}) with policy {running or 'unknown'}; a run shares that mount "
+                    f"{m.pid}) with policy {in_force or 'unknown'}; a run shares that mount "
                     "and its policy, so drop --policy or unmount it first")
 
 
@@ -453,26 +454,11 @@ def _unmount(store: Store, mountpoint: Path, pid: int) -> None:
     if res.returncode != 0 and str(mountpoint) in mounted_paths():
         raise UserError(f"could not unmount {mountpoint}: {res.stderr.strip()}")
     deadline = time.monotonic() + LAZY_EXIT_TIMEOUT
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and running(pid):
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         time.sleep(0.05)
 
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # an unreaped child of ours is a zombie: gone all the same
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True  # no /proc (macOS), or it went just now
 
 
 def _remove_sandbox_dir(path: Path, keep_view: bool) -> None:
@@ -508,7 +494,7 @@ def _sweep(store: Store, own_dir: Path, ops: ViewOps) -> None:
     for entry in sorted((store.root / "run").glob("sandbox-*")):
         match = SANDBOX_DIR.fullmatch(entry.name)
         if entry == own_dir or match is None or not entry.is_dir() \
-                or _alive(int(match.group(1))):
+                or running(int(match.group(1))):
             continue
         lock = entry / "users.lock"
         if lock.exists():

@@ -22,7 +22,7 @@ from typing import Any
 from agentfs.context import CALLER
 from agentfs.overlay.hostio import HostDir, join, split
 from agentfs.overlay.layers import MARKER, Layer
-from agentfs.proc import exe_of
+from agentfs.proc import exe_of, running
 from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, META, TrashArea
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def finalize_stale(area: TrashArea, hash_limit: int) -> int:
     done = 0
     for item in area.items():
         meta = item.meta
-        if meta.get("state") != "open" or _alive(int(meta.get("daemon_pid", 0))):
+        if meta.get("state") != "open" or running(int(meta.get("daemon_pid", 0))):
             continue
         entries = []
         for e in meta.get("entries", []):
@@ -243,17 +243,6 @@ def finalize_stale(area: TrashArea, hash_limit: int) -> int:
         done += 1
     return done
 
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _totals(meta: dict[str, Any]) -> None:
