@@ -168,3 +168,36 @@ def mounted_branch(base: Path, workdir: Path, branch: str = "test", init: bool =
             text = log.read_text(errors="replace")
             if "ERROR" in text or "Traceback" in text:
                 print(f"--- daemon log {log} ---\n{text}", file=sys.stderr)
+
+
+@dataclass
+class PerProcessView:
+    store: Path
+    mountpoint: Path
+    env: dict[str, str]
+    pid: int
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run_cli("--store", str(self.store), *args, env=self.env, check=check)
+
+
+@contextlib.contextmanager
+def per_process_mount(base: Path, workdir: Path, *mount_opts: str,
+                      branch: str = "b") -> Iterator[PerProcessView]:
+    """A store for *base* with *branch*, mounted per-process at workdir/mnt with
+    *mount_opts* (e.g. --default-branch b, --policy FILE); always unmounted."""
+    require_fuse()
+    env = cli_env(workdir / "home")
+    store, mnt = workdir / "store", workdir / "mnt"
+    mnt.mkdir()
+    init_store(base, store, branch, env["AGENTFS_HOME"])
+    pid = None
+    try:
+        out = run_cli("--store", str(store), "mount", str(mnt), "--per-process",
+                      *mount_opts, env=env).stdout
+        found = re.search(r"pid (\d+)", out)
+        assert found is not None, out
+        pid = int(found.group(1))
+        yield PerProcessView(store, mnt, env, pid)
+    finally:
+        force_unmount(mnt, pid)

@@ -5,7 +5,6 @@ interrupts, and who may answer."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -19,11 +18,9 @@ import pytest
 from mountutil import (
     IMPLS,
     MountedBranch,
-    cli_env,
-    force_unmount,
     mounted_branch,
+    per_process_mount,
     require_fuse,
-    run_cli,
 )
 
 from agentfs.mount import control
@@ -254,33 +251,23 @@ def test_a_process_in_a_session_cannot_approve(tmp_path: Path) -> None:
     (base / "ask/q1.txt").write_text("answer 1\n")
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
-    env = cli_env(tmp_path / "home")
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    mnt.mkdir()
-    run_cli("init", str(base), "--store", str(store), env=env)
-    run_cli("--store", str(store), "branch", "create", "b", env=env)
-    pid = None
     agentfs = str(Path(sys.executable).parent / "agentfs")
-    try:
-        out = run_cli("--store", str(store), "mount", str(mnt), "--per-process",
-                      "--policy", str(policy), env=env).stdout
-        pid = int(re.search(r"pid (\d+)", out).group(1))  # type: ignore[union-attr]
+    with per_process_mount(base, tmp_path, "--policy", str(policy)) as pp:
+        mnt, store = pp.mountpoint, pp.store
         agent = subprocess.Popen([agentfs, "--store", str(store), "exec", "--branch", "b", "--",
                                   sys.executable, "-c", READER, str(mnt / "ask/q1.txt")],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 env=pp.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True)
-        sock = control.socket_path(store, pid)
+        sock = control.socket_path(store, pp.pid)
         deadline = time.monotonic() + 10
         prompts: list[dict[str, Any]] = []
         while not prompts and time.monotonic() < deadline:
             prompts = control.request(sock, {"op": "prompts"})["prompts"]
             time.sleep(0.05)
         assert prompts
-        res = run_cli("--store", str(store), "exec", "--branch", "b", "--", agentfs,
-                      "--store", str(store), "approve", prompts[0]["id"], env=env, check=False)
+        res = pp.cli("exec", "--branch", "b", "--", agentfs, "--store", str(store), "approve",
+                     prompts[0]["id"], check=False)
         assert res.returncode != 0 and "inside a session" in res.stderr, res
-        run_cli("--store", str(store), "deny", prompts[0]["id"], env=env)
+        pp.cli("deny", prompts[0]["id"])
         out, _ = agent.communicate(timeout=20)
         assert out.startswith("ERR EACCES")
-    finally:
-        force_unmount(mnt, pid)

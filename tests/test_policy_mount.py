@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from mountutil import cli_env, force_unmount, mounted_branch, require_fuse, run_cli
+from mountutil import mounted_branch, per_process_mount, require_fuse, run_cli
 
 pytestmark = pytest.mark.mount
 
@@ -88,19 +88,9 @@ def view(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[View]:
                             impl=impl) as mb:
             yield View(mb.mountpoint, policy, mb.store, mb.env, mb.mountpoint)
         return
-    env = cli_env(tmp_path / "home")
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    mnt.mkdir()
-    run_cli("init", str(base), "--store", str(store), env=env)
-    run_cli("--store", str(store), "branch", "create", "b", env=env)
-    pid = None
-    try:
-        out = run_cli("--store", str(store), "mount", str(mnt), "--per-process",
-                      "--default-branch", "b", "--policy", str(policy), env=env).stdout
-        pid = int(re.search(r"pid (\d+)", out).group(1))  # type: ignore[union-attr]
-        yield View(mnt, policy, store, env, mnt)
-    finally:
-        force_unmount(mnt, pid)
+    with per_process_mount(base, tmp_path, "--default-branch", "b", "--policy",
+                           str(policy)) as pp:
+        yield View(pp.mountpoint, policy, pp.store, pp.env, pp.mountpoint)
 
 
 def fails(fn: Callable[[], object], code: int = errno.EACCES) -> None:
@@ -294,28 +284,17 @@ def test_exec_with_a_session_policy(tmp_path: Path) -> None:
     require_fuse()
     base = tmp_path / "base"
     make_base(base)
-    env = cli_env(tmp_path / "home")
-    store, mnt = tmp_path / "store", tmp_path / "mnt"
-    mnt.mkdir()
     strict = tmp_path / "strict.yaml"
     strict.write_text(POLICY.replace('["frozen/**"]', '["pub/**"]'))
-    run_cli("init", str(base), "--store", str(store), env=env)
-    run_cli("--store", str(store), "branch", "create", "b", env=env)
-    pid = None
-    try:
-        out = run_cli("--store", str(store), "mount", str(mnt), "--per-process",
-                      "--default-branch", "b", env=env).stdout
-        pid = int(re.search(r"pid (\d+)", out).group(1))  # type: ignore[union-attr]
+    with per_process_mount(base, tmp_path, "--default-branch", "b") as pp:
+        mnt = pp.mountpoint
         script = f"open({str(mnt / 'pub/new.txt')!r}, 'w').write('x')"
-        res = run_cli("--store", str(store), "exec", "--branch", "b", "--policy", str(strict),
-                      "--", sys.executable, "-c", script, env=env, check=False)
+        res = pp.cli("exec", "--branch", "b", "--policy", str(strict), "--", sys.executable,
+                     "-c", script, check=False)
         assert res.returncode != 0 and "Permission denied" in res.stderr
         assert not (mnt / "pub/new.txt").exists()
-        res = run_cli("--store", str(store), "exec", "--branch", "b", "--",
-                      sys.executable, "-c", script, env=env)
+        pp.cli("exec", "--branch", "b", "--", sys.executable, "-c", script)
         assert (mnt / "pub/new.txt").read_text() == "x"
-    finally:
-        force_unmount(mnt, pid)
 
 
 WHO_POLICY = """\

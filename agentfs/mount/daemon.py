@@ -315,14 +315,23 @@ def _direct(call: Callable[[], T]) -> T:
     return call()
 
 
-def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
-    """Mount and serve; *ready* is called with None once mounted, or with the reason."""
+def open_daemon(config: MountConfig, ready: Callable[[str | None], None]
+                ) -> tuple[Store, Daemon] | None:
+    """The store and the daemon for *config*, or None after telling *ready* why not."""
     try:
         store = Store(config.store_root)
-        daemon = Daemon(config, store)
+        return store, Daemon(config, store)
     except UserError as exc:
         ready(str(exc))
+        return None
+
+
+def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
+    """Mount and serve; *ready* is called with None once mounted, or with the reason."""
+    opened = open_daemon(config, ready)
+    if opened is None:
         return 1
+    store, daemon = opened
     raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel
     try:

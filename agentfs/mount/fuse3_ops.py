@@ -25,6 +25,7 @@ import pyfuse3
 from agentfs.audit.recorder import Recorder, finish_pending
 from agentfs.errors import FsError
 from agentfs.mount.asking import settle
+from agentfs.mount.boundary import errno_for
 from agentfs.mount.gate import Gate
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
@@ -50,16 +51,10 @@ def _boundary(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[
         except pyfuse3.FUSEError as exc:
             finish_pending(exc.errno)
             raise
-        except FsError as exc:
-            finish_pending(exc.errno)
-            raise pyfuse3.FUSEError(exc.errno) from None
-        except OSError as exc:
-            finish_pending(exc.errno or errno.EIO)
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            finish_pending(errno.EIO)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as exc:
+            code = errno_for(exc, fn.__name__)
+            finish_pending(code)
+            raise pyfuse3.FUSEError(code) from None
         finish_pending(0)
         return result
     return wrapper

@@ -19,9 +19,7 @@ from typing import Any
 
 import trio
 
-from agentfs.branches.store import Store
-from agentfs.errors import UserError
-from agentfs.mount.daemon import Daemon, MountConfig, raise_fd_limit
+from agentfs.mount.daemon import Daemon, MountConfig, open_daemon, raise_fd_limit
 from agentfs.mount.mfuse_ops import ENTRY_TIMEOUT, AgentfsFUSE, MfuseOperations
 
 log = logging.getLogger(__name__)
@@ -72,12 +70,10 @@ def serve_mfusepy(config: MountConfig, ready: Callable[[str | None], None]) -> i
     # before any thread exists (the audit writer starts with the daemon): every thread
     # inherits the mask, so only the waiting thread below ever takes SIGHUP
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-    try:
-        store = Store(config.store_root)
-        daemon = Daemon(config, store)
-    except UserError as exc:
-        ready(str(exc))
+    opened = open_daemon(config, ready)
+    if opened is None:
         return 1
+    store, daemon = opened
     ops = daemon.ops
     assert isinstance(ops, MfuseOperations)
     raise_fd_limit()

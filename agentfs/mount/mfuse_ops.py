@@ -30,6 +30,7 @@ import mfusepy
 
 from agentfs.audit.recorder import Recorder, finish_pending
 from agentfs.errors import FsError
+from agentfs.mount.boundary import errno_for
 from agentfs.mount.gate import Gate
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
@@ -53,16 +54,10 @@ def _boundary(fn: Callable[..., R]) -> Callable[..., R]:
     def wrapper(*args: Any, **kwargs: Any) -> R:
         try:
             result = fn(*args, **kwargs)
-        except FsError as exc:
-            finish_pending(exc.errno)
-            raise mfusepy.FuseOSError(exc.errno) from None
-        except OSError as exc:
-            finish_pending(exc.errno or errno.EIO)
-            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            finish_pending(errno.EIO)
-            raise mfusepy.FuseOSError(errno.EIO) from None
+        except Exception as exc:
+            code = errno_for(exc, fn.__name__)
+            finish_pending(code)
+            raise mfusepy.FuseOSError(code) from None
         finish_pending(0)
         return result
     return wrapper
