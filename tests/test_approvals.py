@@ -4,7 +4,9 @@ interrupts, and who may answer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -271,3 +273,45 @@ def test_a_process_in_a_session_cannot_approve(tmp_path: Path) -> None:
         pp.cli("deny", prompts[0]["id"])
         out, _ = agent.communicate(timeout=20)
         assert out.startswith("ERR EACCES")
+
+
+def test_interactive_prompts_answer_with_a_key(asking: Asking) -> None:
+    """`agentfs prompts` on a terminal: the waiting request is listed, 'y' allows it."""
+    import pty
+    import select
+
+    proc = asking.reader("ask/q1.txt")
+    [prompt] = asking.wait_prompts(1)
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI on a pseudo-terminal
+        os.execve(str(Path(sys.executable).parent / "agentfs"),
+                  ["agentfs", "--store", str(asking.mb.store), "prompts"], asking.mb.env)
+    try:
+        screen = b""
+        deadline = time.monotonic() + 20
+        while prompt["id"].encode() not in screen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                screen += os.read(fd, 65536)
+        assert prompt["id"].encode() in screen and b"ask/q1.txt" in screen
+        os.write(fd, b"y")
+        [line] = finish(proc)
+        assert line.startswith("OK answer 1")
+        os.write(fd, b"q")
+        deadline = time.monotonic() + 10
+        status = 0
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                break
+            with contextlib.suppress(OSError):
+                if select.select([fd], [], [], 0.1)[0]:
+                    os.read(fd, 65536)
+        assert done == pid and os.waitstatus_to_exitcode(status) == 0
+        pid = 0
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        os.close(fd)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from mountutil import mounted_branch
+from mountutil import AGENTFS, mounted_branch
 
 from agentfs.audit.log import AuditLog, query
 
@@ -152,3 +155,25 @@ def test_audit_cli(tmp_path: Path) -> None:
                    in line)
         bad = mb.cli("audit", "query", "--since", "yesterday-ish", check=False)
         assert bad.returncode != 0 and "bad time" in bad.stderr
+
+
+@pytest.mark.mount
+def test_audit_tail_follows(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    with mounted_branch(base, tmp_path, "b") as mb:
+        follower = subprocess.Popen([AGENTFS, "--store", str(mb.store), "audit", "tail", "-f",
+                                     "-n", "0"], env=mb.env, stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            (mb.mountpoint / "followed.txt").write_text("x")
+            deadline = time.monotonic() + 15
+            seen = ""
+            while "followed.txt" not in seen and time.monotonic() < deadline:
+                assert follower.stdout is not None
+                if select.select([follower.stdout], [], [], 0.2)[0]:
+                    seen += follower.stdout.readline()
+            assert "create followed.txt allow ok" in seen, seen
+        finally:
+            follower.kill()
+            follower.wait(timeout=10)
