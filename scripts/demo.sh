@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end: a sample project, a branch, a mount, an "agent" that edits,
-# creates and deletes files, the branch's changes, and proof the project is untouched.
+# creates and deletes files (and is refused a secret), the trash and the audit log, the
+# branch's changes, proof the project is untouched, and a commit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AGENTFS="$PWD/.venv/bin/agentfs"
@@ -28,6 +29,8 @@ PY
 printf '# Sample\n\nA tiny project.\n' > "$PROJECT/README.md"
 printf 'old notes\n' > "$PROJECT/docs/notes.txt"
 printf 'obsolete\n' > "$PROJECT/docs/old.txt"
+printf 'API_TOKEN=s3cret\n' > "$PROJECT/.env"
+mkdir -p "$PROJECT/scratch" && printf 'draft\n' > "$PROJECT/scratch/draft.md"
 (cd "$PROJECT" && find . -type f | sort)
 
 say "agentfs init, branch create, mount"
@@ -43,8 +46,20 @@ say "the agent works in the mount"
     printf 'def test_greet():\n    assert True\n' > src/test_app.py  # create
     rm docs/old.txt                                                  # delete
     mv docs/notes.txt docs/NOTES.md                                  # rename
+    rm -rf scratch                                                   # a whole tree
     python3 src/app.py
+    cat .env || echo "(the default policy keeps .env files out of reach)"
 )
+
+say "nothing deleted is lost: agentfs trash list, then restore the tree"
+"$AGENTFS" trash list
+"$AGENTFS" trash restore "$("$AGENTFS" trash list --json | python3 -c \
+    'import json, sys; print([i["id"] for i in json.load(sys.stdin) if i["path"] == "scratch"][0])')"
+cat "$MNT/scratch/draft.md"
+
+say "what the agent did and what was refused: agentfs audit"
+"$AGENTFS" audit tail -n 12
+"$AGENTFS" audit tail --denied
 
 say "what the branch changed: agentfs branch diff --stat, then the patch"
 "$AGENTFS" branch diff agent-1 --stat
