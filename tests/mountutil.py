@@ -189,7 +189,7 @@ def per_process_mount(base: Path, workdir: Path, *mount_opts: str,
     require_fuse()
     env = cli_env(workdir / "home")
     store, mnt = workdir / "store", workdir / "mnt"
-    mnt.mkdir()
+    mnt.mkdir(parents=True)
     init_store(base, store, branch, env["AGENTFS_HOME"])
     pid = None
     try:

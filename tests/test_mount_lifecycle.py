@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import mounted_branch
+from mountutil import mounted_branch, per_process_mount
 from treehash import tree_fingerprint
 
 pytestmark = pytest.mark.mount
@@ -128,3 +128,32 @@ def test_syncfs_after_unlinked_files(tmp_path: Path) -> None:
         finally:
             os.close(dfd)
         assert os.listdir(mb.mountpoint) == []
+
+
+def test_one_daemon_per_branch(tmp_path: Path) -> None:
+    """A branch served by one daemon cannot be served by another, nor committed or
+    discarded under it, whichever mode serves it; the lock goes with the daemon."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "f").write_text("x")
+    with per_process_mount(base, tmp_path / "pp", "--default-branch", "b") as pp:
+        assert (pp.mountpoint / "f").read_text() == "x"
+        other = tmp_path / "other"
+        other.mkdir()
+        res = pp.cli("mount", str(other), "--branch", "b", check=False)
+        assert res.returncode == 1, res
+        assert res.stderr.startswith("agentfs: branch 'b' is in use by the mount at "
+                                     f"{pp.mountpoint}"), res.stderr
+        for args in (("branch", "discard", "b", "--yes"), ("branch", "commit", "b")):
+            res = pp.cli(*args, check=False)
+            assert res.returncode == 1 and "branch 'b' is" in res.stderr, res.stderr
+        # a branch the per-process mount opened for a session, not as its default
+        pp.cli("branch", "create", "c")
+        pp.cli("exec", "--branch", "c", "--", "true")
+        for args in (("branch", "discard", "c", "--yes"), ("branch", "commit", "c")):
+            res = pp.cli(*args, check=False)
+            assert res.returncode == 1 and "in use by the mount" in res.stderr, res.stderr
+    store = tmp_path / "pp" / "store"
+    with mounted_branch(base, tmp_path / "pinned", "b", init=False, store=store,
+                        env=pp.env) as mb:  # the per-process daemon is gone: free again
+        assert (mb.mountpoint / "f").read_text() == "x"

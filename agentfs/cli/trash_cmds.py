@@ -89,7 +89,7 @@ def restore(ctx: typer.Context, item_id: str = typer.Argument(..., metavar="ID")
                 raise UserError(str(reply.get("error")))
             _report(reply)
             return
-    ov = open_branch_view(store, item.branch)
+    ov = open_branch_view(store, item.branch, "a trash restore")
     try:
         ov.trash = trash.sink(item.branch)
         result = trash.restore_into(ov, item.id, to, force)

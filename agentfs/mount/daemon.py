@@ -95,19 +95,27 @@ class Daemon:
                 raise UserError("per-process views need the pyfuse3 front end "
                                 "(drop --impl mfusepy)")
             assert config.branch is not None
-            overlay = open_branch_view(store, config.branch)
+            overlay = open_branch_view(store, config.branch, self.holder)
             self.ops = MfuseOperations(overlay, self._guard(overlay, config.branch),
                                        self._recorder(config.branch))
         elif config.per_process:
             for name in filter(None, [config.default_branch]):
                 store.branch(name)
             self.ops = PerProcessOperations(store, self.sessions, config.default_branch,
-                                            config.deny_unbound, self._guard, self._recorder)
+                                            config.deny_unbound, self._guard, self._recorder,
+                                            self.holder)
+            if config.default_branch:  # its lock now: a busy branch is the user's error
+                self.ops.view(config.default_branch)
         else:
             assert config.branch is not None
-            overlay = open_branch_view(store, config.branch)
+            overlay = open_branch_view(store, config.branch, self.holder)
             self.ops = AgentfsOperations(overlay, guard=self._guard(overlay, config.branch),
                                          recorder=self._recorder(config.branch))
+
+    @property
+    def holder(self) -> str:
+        """Who holds the branch locks this daemon takes (for the message others get)."""
+        return f"the mount at {self.config.mountpoint}"
 
     def _guard(self, overlay: Overlay, branch: str) -> Guard:
         """Policy and trash for a newly opened branch view."""

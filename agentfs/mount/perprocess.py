@@ -22,6 +22,7 @@ import pyfuse3
 
 from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
+from agentfs.errors import UserError
 from agentfs.mount.fuse3_ops import AgentfsOperations, InodeSpace, _boundary
 from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
@@ -76,8 +77,10 @@ class PerProcessOperations(pyfuse3.Operations):
 
     def __init__(self, store: Store, sessions: SessionTable, default_branch: str | None,
                  deny_unbound: bool, make_guard: GuardFactory | None = None,
-                 make_recorder: Callable[[str], Recorder | None] | None = None) -> None:
+                 make_recorder: Callable[[str], Recorder | None] | None = None,
+                 holder: str | None = None) -> None:
         super().__init__()
+        self.holder = holder
         self.make_guard = make_guard
         self.make_recorder = make_recorder
         self.store = store
@@ -95,7 +98,7 @@ class PerProcessOperations(pyfuse3.Operations):
         ops = self.views.get(branch)
         if ops is None:
             slot = len(self._slots)
-            overlay = open_branch_view(self.store, branch)
+            overlay = open_branch_view(self.store, branch, self.holder)
             guard = self.make_guard(overlay, branch) if self.make_guard else None
             recorder = self.make_recorder(branch) if self.make_recorder else None
             ops = AgentfsOperations(overlay, space=BranchSpace(self.inodes, slot),
@@ -115,7 +118,12 @@ class PerProcessOperations(pyfuse3.Operations):
 
     def by_inode(self, inode: int, ctx: Any) -> AgentfsOperations:
         if inode == ROOT_INO:
-            return self.view(self.branch_of_caller(ctx))
+            branch = self.branch_of_caller(ctx)
+            try:
+                return self.view(branch)
+            except UserError as exc:  # another daemon (or a commit) holds the branch
+                log.warning("cannot serve branch %s: %s", branch, exc)
+                raise pyfuse3.FUSEError(errno.EBUSY) from None
         return self._slots[self.inodes.owner(inode)[0]]
 
     def same(self, a: int, b: int, ctx: Any) -> AgentfsOperations:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+from agentfs.branches.locks import hold_branch
 from agentfs.branches.store import Store
 from agentfs.errors import UserError
 from agentfs.overlay.engine import Overlay
@@ -18,5 +21,15 @@ def open_branch_layers(store: Store, branch: str) -> list[Layer]:
     return layers
 
 
-def open_branch_view(store: Store, branch: str) -> Overlay:
-    return Overlay(open_branch_layers(store, branch))
+def open_branch_view(store: Store, branch: str, holder: str | None = None) -> Overlay:
+    """The branch's overlay.  *holder*: take the branch's lock for the overlay's
+    lifetime (a daemon serving it), saying who holds it."""
+    lock = hold_branch(store.root, branch, holder) if holder is not None else None
+    try:
+        overlay = Overlay(open_branch_layers(store, branch))
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    overlay.lock_fd = lock
+    return overlay

@@ -96,6 +96,7 @@ class Overlay:
         self._frozen_attrs: dict[tuple[str, int, str], Attr] = {}
         self._listings: dict[str, tuple[str, ...]] = {}  # dir path -> visible names
         self.trash: TrashHook | None = None   # None: deleted content is destroyed
+        self.lock_fd: int | None = None       # the branch lock of whoever serves it
         self._reason = "unlink"
         self._prepare_work()
 
@@ -111,6 +112,9 @@ class Overlay:
             self.release(fh)
         for layer in self.layers:
             layer.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     # ------------------------------------------------------------------ lookup
     def _locate(self, path: str) -> Loc:

@@ -30,8 +30,9 @@ from typing import Any
 
 from sqlalchemy import delete, select, text
 
+from agentfs.branches.locks import branch_held
 from agentfs.branches.schema import BranchRow, CommitOpRow, CommitRow, LayerRow
-from agentfs.branches.store import Store
+from agentfs.branches.store import BranchInfo, Store
 from agentfs.errors import UserError
 from agentfs.mount.view import open_branch_layers
 from agentfs.overlay import copyup
@@ -193,6 +194,16 @@ def commit_branch(store: Store, name: str, *, into: str | None = None, dry_run: 
         raise UserError(f"branch {name!r} can only be committed into its parent ({target})")
     if any(m.branch == name for m in store.mounts()):
         raise UserError(f"branch {name!r} is mounted; unmount it before committing")
+    with contextlib.ExitStack() as held:  # no daemon may serve what the commit changes
+        for branch in filter(None, [name, info.parent]):
+            held.enter_context(branch_held(store.root, branch, f"a commit of {name!r}"))
+        return _commit(store, name, info, target, dry_run=dry_run, force=force, paths=paths,
+                       progress=progress)
+
+
+def _commit(store: Store, name: str, info: BranchInfo, target: str, *, dry_run: bool,
+            force: bool, paths: list[str] | None,
+            progress: Callable[[int, int], None] | None) -> CommitReport:
     if info.parent is not None:
         from agentfs.workflow.commit_branch import commit_into_parent
 

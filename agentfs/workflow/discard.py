@@ -14,8 +14,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from agentfs.branches.locks import branch_held
 from agentfs.branches.schema import BranchRow, CommitRow, LayerRow
-from agentfs.branches.store import Store
+from agentfs.branches.store import BranchInfo, Store
 from agentfs.errors import UserError
 
 
@@ -27,6 +28,12 @@ def discard_branch(store: Store, name: str, *, purge: bool = False,
     if mounted:
         raise UserError(f"branch {name!r} is mounted at {', '.join(mounted)}; unmount it "
                         "first")
+    with branch_held(store.root, name, f"the discard of {name!r}"):
+        return _discard(store, name, info, purge=purge, force=force)
+
+
+def _discard(store: Store, name: str, info: BranchInfo, *, purge: bool, force: bool
+             ) -> Path | None:
     others = [b for b in store.branches() if b.name != name]
     children = [b.name for b in others if b.parent == name]
     if children and not force:
