@@ -35,7 +35,10 @@ from agentfs.sandbox import launch, linux, nsinit, rootfs
 
 pytestmark = pytest.mark.mount
 RUN_TIMEOUT = 60
-PY = sys.executable
+# the probes run inside the sandbox and need only the standard library: the real
+# interpreter, not the venv's link to it (a checkout under /tmp is hidden in there:
+# the sandbox's /tmp is private)
+PY = os.path.realpath(sys.executable)
 
 
 def _mounts() -> list[str]:
