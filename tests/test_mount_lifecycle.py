@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import mounted_branch, per_process_mount
+from mountutil import (
+    cli_env,
+    force_unmount,
+    init_store,
+    mounted_branch,
+    per_process_mount,
+    run_cli,
+)
 from treehash import tree_fingerprint
 
 pytestmark = pytest.mark.mount
@@ -157,3 +164,27 @@ def test_one_daemon_per_branch(tmp_path: Path) -> None:
     with mounted_branch(base, tmp_path / "pinned", "b", init=False, store=store,
                         env=pp.env) as mb:  # the per-process daemon is gone: free again
         assert (mb.mountpoint / "f").read_text() == "x"
+
+
+def test_front_end_from_the_environment(tmp_path: Path) -> None:
+    """AGENTFS_FUSE_IMPL picks the front end when --impl is not given; a wrong one is a
+    clear error."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "f").write_text("x")
+    env = cli_env(tmp_path / "home")
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    init_store(base, store, "b", env["AGENTFS_HOME"])
+    bad = run_cli("--store", str(store), "mount", str(mnt), "--branch", "b",
+                  env={**env, "AGENTFS_FUSE_IMPL": "nope"}, check=False)
+    assert bad.returncode == 1 and "unknown FUSE front end 'nope'" in bad.stderr
+    out = run_cli("--store", str(store), "mount", str(mnt), "--branch", "b",
+                  env={**env, "AGENTFS_FUSE_IMPL": "mfusepy"}).stdout
+    pid = int(out.rsplit("pid", 1)[1].strip(" )\n"))
+    try:
+        assert (mnt / "f").read_text() == "x"
+        logs = "".join(p.read_text() for p in (store / "run").glob("mount-*.log"))
+        assert "(pinned, mfusepy)" in logs
+    finally:
+        force_unmount(mnt, pid)
