@@ -88,7 +88,10 @@ class Guard:
         return self.sessions.session_of(pid) if self.sessions is not None else None
 
     def engine_for(self, pid: int) -> PolicyEngine:
-        session = self._session(pid)
+        return self._engine(self._session(pid))
+
+    def _engine(self, session: Session | None) -> PolicyEngine:
+        """The session's own policy (`exec --policy`), else the mount's."""
         if session is not None and session.policy is not None:
             return session.policy.engine
         return self.source.engine
@@ -96,9 +99,8 @@ class Guard:
     def caller_facts(self, pid: int) -> tuple[str, str]:
         """(session id, sha256 of the policy in force) for the audit."""
         session = self._session(pid)
-        engine = (session.policy.engine if session is not None and session.policy is not None
-                  else self.source.engine)
-        return (str(session.pid) if session is not None else "", engine.policy.sha256)
+        return (str(session.pid) if session is not None else "",
+                self._engine(session).policy.sha256)
 
     def restricted(self, pid: int) -> frozenset[str]:
         return self.engine_for(pid).restricted
