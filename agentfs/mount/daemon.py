@@ -26,7 +26,7 @@ from agentfs.audit.log import AuditLog, audit_max_age, purge_older_than
 from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
 from agentfs.errors import UserError
-from agentfs.mount import control
+from agentfs.mount import control, fastloop
 from agentfs.mount.fuse3_ops import AgentfsOperations
 from agentfs.mount.mfuse_ops import MfuseOperations
 from agentfs.mount.perprocess import PerProcessOperations
@@ -273,7 +273,10 @@ class Daemon:
 
             nursery.start_soon(on_signal)
             self.start_tasks(nursery, _direct)
-            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            fastloop.install()
+            # one idle reader is enough: pyfuse3 starts another worker whenever none
+            # is left waiting (e.g. while a request waits for a person's answer)
+            await pyfuse3.main(min_tasks=1, max_tasks=64)
             nursery.cancel_scope.cancel()
 
     def start_tasks(self, nursery: trio.Nursery, guarded: Guarded) -> None:
