@@ -1,6 +1,6 @@
 """From FUSE requests to audit events: who, what, the decision, the outcome.
 
-A front end calls `begin` once a request has been checked; the error boundary calls
+The gate sets `PENDING` once a request has been checked; the error boundary calls
 `finish` with the outcome, so every checked request yields exactly one event with its
 errno and duration.  Metadata reads (stat, readdir, readlink, xattr reads) are recorded
 only when the policy did something other than allow them: recording every lookup
@@ -79,12 +79,13 @@ class Recorder:
                 else (now, "", "")
         return hit[1], hit[2]
 
-    def begin(self, pending: Pending) -> None:
-        decided = pending.verdict.decision
-        if pending.op in QUIET_OPS and (decided is None or decided.decision == "allow"):
-            PENDING.set(None)
-            return
-        PENDING.set(pending)
+    @staticmethod
+    def records(op: str, verdict: Verdict) -> bool:
+        """Whether a request gets an event (quiet operations only when not allowed)."""
+        if op not in QUIET_OPS:
+            return True
+        decided = verdict.decision
+        return decided is not None and decided.decision != "allow"
 
     def finish(self, pending: Pending, errno_value: int) -> None:
         d = pending.verdict.decision

@@ -36,6 +36,7 @@ from agentfs.policy.guard import Guard, Verdict, open_ops
 log = logging.getLogger(__name__)
 
 CACHE_TIMEOUT: Final = 300.0
+SHARED_ROOT_ATTR_TIMEOUT: Final = 1.0
 RENAME_EXCHANGE: Final = 2
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -114,7 +115,11 @@ class AgentfsOperations(pyfuse3.Operations):
         if self.shared_root and (attr.ino == ROOT_INO or parent == ROOT_INO):
             e.entry_timeout = 0  # the name under the shared root means another branch
             if attr.ino == ROOT_INO:
-                e.attr_timeout = 0  # for another caller
+                # Every path walk checks the root's permissions; asking each time
+                # doubled the requests of a per-process mount.  Another branch's view
+                # may see this root's times and link count for up to a second (its
+                # own changes invalidate them at once).
+                e.attr_timeout = SHARED_ROOT_ATTR_TIMEOUT
         return e
 
     def _path(self, inode: int, name: bytes | None = None) -> str:

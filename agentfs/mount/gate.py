@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable
 
-from agentfs.audit.recorder import HandleIO, Pending, Recorder
+from agentfs.audit.recorder import PENDING, HandleIO, Pending, Recorder
 from agentfs.context import CALLER
 from agentfs.errors import FsError
 from agentfs.overlay.engine import Overlay
@@ -34,9 +34,11 @@ class Gate:
         if self.recorder is not None:
             if self.recorder.log.refuses():
                 raise FsError(errno.EIO)  # strict audit: nothing happens unrecorded
+            if not self.recorder.records(op, verdict):
+                PENDING.set(None)
+                return verdict
             sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
-            self.recorder.begin(Pending(self.recorder, op, path, dst, pid, uid, verdict, sid,
-                                        sha))
+            PENDING.set(Pending(self.recorder, op, path, dst, pid, uid, verdict, sid, sha))
         return verdict
 
     def check(self, pid: int, uid: int, checks: Iterable[tuple[str, str]]) -> Verdict:

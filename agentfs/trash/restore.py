@@ -22,7 +22,7 @@ from agentfs.overlay.engine import Overlay
 from agentfs.overlay.hostio import HostDir, join, split
 from agentfs.policy.globs import normalize
 from agentfs.trash.area import TrashArea, TrashItem
-from agentfs.trash.sink import kind_of, sha256_of
+from agentfs.trash.sink import kind_of, sha256_of, stamp_of
 
 SourceOpener = Callable[[dict[str, Any]], tuple[HostDir, str] | None]
 
@@ -111,17 +111,26 @@ def _verify(area: TrashArea, item: TrashItem, entries: list[dict[str, Any]],
         name = entry["rel"] or item.path
         if entry.get("held"):
             rel = item.data_rel(entry["rel"])
-            if area.host.try_lstat(rel) is None:
-                problems.append(f"{name}: held data missing")
-            elif entry.get("sha256") and sha256_of(area.host, rel, 1 << 62) != entry["sha256"]:
-                problems.append(f"{name}: held data does not match its sha256")
+            if not _unchanged(area.host, rel, entry, True):
+                problems.append(f"{name}: held data missing or not what was deleted")
             continue
         src = open_source(entry.get("source") or {})
         if src is None or src[0].try_lstat(src[1]) is None:
             problems.append(f"{name}: the {_where(entry)} no longer has it")
-        elif entry.get("sha256") and sha256_of(src[0], src[1], 1 << 62) != entry["sha256"]:
+        elif not _unchanged(src[0], src[1], entry, False):
             problems.append(f"{name}: the {_where(entry)} copy changed since the delete")
     return problems
+
+
+def _unchanged(host: HostDir, rel: str, entry: dict[str, Any], held: bool) -> bool:
+    """The content is still what the entry describes: by its stat stamp, or by its
+    sha256 for entries that carry one."""
+    st = host.try_lstat(rel)
+    if st is None:
+        return False
+    if entry.get("stamp") is not None:
+        return stamp_of(st, held) == list(entry["stamp"])
+    return not entry.get("sha256") or sha256_of(host, rel, 1 << 62) == entry["sha256"]
 
 
 def _where(entry: dict[str, Any]) -> str:

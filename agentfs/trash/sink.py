@@ -54,14 +54,26 @@ def sha256_of(host: HostDir, rel: str, limit: int) -> str | None:
     return h.hexdigest()
 
 
-def describe(host: HostDir, rel: str, entry_rel: str, hash_limit: int) -> dict[str, Any]:
-    """Everything needed to put an object back as it was."""
+def stamp_of(st: os.stat_result, held: bool) -> list[int]:
+    """What identifies unchanged content without reading it: held data only ever moves
+    inside the trash (a rename changes its ctime), content left in a lower layer stays
+    where it is, so its ctime must not change either."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns] + ([] if held else [st.st_ctime_ns])
+
+
+def describe(host: HostDir, rel: str, entry_rel: str, hash_limit: int,
+             held: bool = True) -> dict[str, Any]:
+    """Everything needed to put an object back as it was.  Content is identified by
+    its stat stamp; it is hashed only up to *hash_limit* bytes (0: never), which
+    deletions skip: reading every file `rm -rf` removes cost more than the delete."""
     st = host.lstat(rel)
     entry: dict[str, Any] = {
         "rel": entry_rel, "kind": kind_of(st.st_mode), "mode": st.st_mode, "uid": st.st_uid,
         "gid": st.st_gid, "size": st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
         "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-        "rdev": st.st_rdev, "xattrs": {}, "sha256": None}
+        "rdev": st.st_rdev, "xattrs": {}, "sha256": None, "held": held}
+    if stat.S_ISREG(st.st_mode):
+        entry["stamp"] = stamp_of(st, held)
     if stat.S_ISLNK(st.st_mode):
         entry["target"] = host.readlink(rel)
     else:
@@ -69,7 +81,8 @@ def describe(host: HostDir, rel: str, entry_rel: str, hash_limit: int) -> dict[s
             for name in host.listxattr(rel):
                 if name != MARKER:
                     entry["xattrs"][name] = base64.b64encode(host.getxattr(rel, name)).decode()
-        entry["sha256"] = sha256_of(host, rel, hash_limit)
+        if hash_limit:
+            entry["sha256"] = sha256_of(host, rel, hash_limit)
     return entry
 
 
@@ -134,14 +147,12 @@ class TrashSink:
             host.link_to(rel, self.area.host, data)
         else:
             host.rename_to(rel, self.area.host, data)
-        entry = describe(self.area.host, data, "", self.hash_limit)
-        entry["held"] = True
+        entry = describe(self.area.host, data, "", 0)
         self._record(item_id, path, entry["kind"], reason, [entry])
 
     def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str) -> None:
         item_id, _ = self._new()
-        entry = describe(host, rel, "", self.hash_limit)
-        entry["held"] = False
+        entry = describe(host, rel, "", 0, held=False)
         entry["source"] = _source(layer, host, rel)
         self._record(item_id, path, entry["kind"], reason, [entry])
 
@@ -150,7 +161,6 @@ class TrashSink:
         item_id, data = self._new()
         host.link_to(rel, self.area.host, data)  # survives a crash; writes still land here
         entry = describe(self.area.host, data, "", 0)
-        entry["held"] = True
         self._record(item_id, path, entry["kind"], reason, [entry], state="open")
         self._open[ino] = (item_id, "")
 
@@ -164,8 +174,7 @@ class TrashSink:
             item = self.area.get(item_id)
         except KeyError:
             return  # purged
-        entry = describe(self.area.host, item.data_rel(rel), rel, self.hash_limit)
-        entry["held"] = True
+        entry = describe(self.area.host, item.data_rel(rel), rel, 0)
         meta = item.meta
         meta["entries"] = [entry if e["rel"] == rel else e for e in meta["entries"]]
         _totals(meta)
@@ -178,8 +187,7 @@ class TrashSink:
     def dir_removed(self, path: str, layer: Layer, host: HostDir, rel: str,
                     reason: str) -> None:
         item_id, data = self._new()
-        own = describe(host, rel, "", self.hash_limit)
-        own["held"] = False
+        own = describe(host, rel, "", 0, held=False)
         own["source"] = _source(layer, host, rel)
         os.mkdir(self.area.root / data, 0o700)
         entries = [own]
@@ -218,7 +226,7 @@ class TrashSink:
         st = host.lstat(rel)
         self.area.host.utime(data, st.st_atime_ns, st.st_mtime_ns)
         entry = describe(self.area.host, data, "", self.hash_limit)
-        entry.update(held=True, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid)
+        entry.update(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid)
         self._record(item_id, path, "file", reason, [entry])
 
 
@@ -235,7 +243,7 @@ def finalize_stale(area: TrashArea, hash_limit: int) -> int:
             if e.get("held") and e["kind"] == "file":
                 rel = item.data_rel(e["rel"])
                 if area.host.try_lstat(rel) is not None:
-                    e = {**describe(area.host, rel, e["rel"], hash_limit), "held": True}
+                    e = describe(area.host, rel, e["rel"], hash_limit)
             entries.append(e)
         meta.update(entries=entries, state="final")
         _totals(meta)
