@@ -148,6 +148,7 @@ def machine(root: Path) -> dict[str, Any]:
         "root": str(root),
         "filesystem": fs_type(root),
         "git_head": _git_head(),
+        "loadavg_start": os.getloadavg(),
     }
 
 
@@ -272,12 +273,29 @@ def bench_fork(env: Env, results: Results, repeat: int) -> None:
 COMMIT_FILES = 100
 
 
+def create_cost(directory: Path, files: int = COMMIT_FILES) -> float:
+    """ms to create *files* empty files in a fresh directory under *directory*: a commit
+    must create one inode per changed file (the staged copy), and what that costs
+    depends on the filesystem's state (on the development VM, 0.02 to 0.9 ms per file
+    depending on where in the disk the directory lands)."""
+    probe = Path(tempfile.mkdtemp(prefix="create-probe-", dir=directory))
+    try:
+        t = time.perf_counter()
+        for i in range(files):
+            os.close(os.open(probe / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return (time.perf_counter() - t) * 1000
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
 def bench_commit(env: Env, results: Results, repeat: int) -> None:
     from agentfs.branches.store import Store
     from agentfs.workflow.commit import commit_branch
 
     base = env.fresh("commit-base-")
     make_base(base, 2000, 40)
+    probe = results.row("commit_create_probe", f"(environment) create {COMMIT_FILES} empty "
+                        "files next to the commit's base")
     targets = [f"d{i % 40}/f{i}" for i in range(0, 2000, 20)][:COMMIT_FILES]
     api = results.row("commit_api", f"commit {COMMIT_FILES} changed files: commit_branch",
                       target=100.0)
@@ -303,6 +321,7 @@ def bench_commit(env: Env, results: Results, repeat: int) -> None:
                 record(row, run)
             finally:
                 store.close()
+        probe.samples.append(create_cost(base.parent))
 
 
 # ------------------------------------------------------------------ (c) diff
@@ -514,10 +533,12 @@ def main(argv: list[str] | None = None) -> int:
             bench_rss(env, results, args.rss_repeat, args.rss_files,
                       max(1, args.rss_files // 100), args.rss_reads)
 
+    meta["loadavg_end"] = os.getloadavg()
     print(table(results))
     print(f"\n{meta['cpu_model']}, {meta['cores']} cores, Linux {meta['kernel']}, "
           f"{meta['filesystem']} at {args.root}; median of {args.repeat} "
-          f"({args.rss_repeat} for RSS)", flush=True)
+          f"({args.rss_repeat} for RSS); load average {meta['loadavg_start'][0]:.1f} at the "
+          f"start, {meta['loadavg_end'][0]:.1f} at the end", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "rows": {k: r.as_dict() for k, r in
                                                             results.rows.items()}},
