@@ -36,8 +36,10 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                             help="refuse operations while the audit log "
                                                  "cannot record them"),
           impl: str | None = typer.Option(None, "--impl",
-                                          help="FUSE front end: pyfuse3 (Linux default) or "
-                                               "mfusepy (macOS FUSE-T); or $AGENTFS_FUSE_IMPL"),
+                                          help="FUSE front end: pyfuse3 (Linux default), "
+                                               "mfusepy (macOS FUSE-T) or kernel (FUSE "
+                                               "spoken directly, pinned only); or "
+                                               "$AGENTFS_FUSE_IMPL"),
           debug: bool = typer.Option(False, "--debug", help="log every FUSE request")) -> None:
     """Mount a branch (or per-process views) at MOUNTPOINT; returns once it is ready."""
     store = open_store(ctx)
@@ -75,6 +77,10 @@ def mount(ctx: typer.Context, mountpoint: Path,
         from agentfs.mount.mfuse_daemon import serve_mfusepy
 
         code = serve_mfusepy(config, ready)
+    elif config.impl == "kernel":
+        from agentfs.mount.kernel.daemon import serve_kernel
+
+        code = serve_kernel(config, ready)
     else:
         code = daemon.serve(config, ready)
     if failure:

@@ -28,6 +28,7 @@ from agentfs.branches.store import Store
 from agentfs.errors import UserError
 from agentfs.mount import control, fastloop
 from agentfs.mount.fuse3_ops import AgentfsOperations
+from agentfs.mount.kernel.ops import KernelOperations  # the kernel front end (--impl kernel)
 from agentfs.mount.mfuse_ops import MfuseOperations
 from agentfs.mount.perprocess import PerProcessOperations
 from agentfs.mount.sessions import SessionTable
@@ -42,7 +43,7 @@ from agentfs.proc import command_line, exe_of, parent_pid, thread_group
 from agentfs.trash.service import Trash
 
 log = logging.getLogger(__name__)
-IMPLS = ("pyfuse3", "mfusepy")
+IMPLS = ("pyfuse3", "mfusepy", "kernel")
 POLICY_POLL = 1.0  # seconds between looks at the policy files' mtimes
 TRASH_PURGE_EVERY = 600.0  # seconds between applications of the trash retention limits
 
@@ -72,7 +73,7 @@ class MountConfig:
     policy_path: str | None = None     # None: the built-in default policy
     audit: bool = True
     audit_strict: bool = False         # refuse operations while events cannot be recorded
-    impl: str = "pyfuse3"              # the FUSE binding: pyfuse3 or mfusepy
+    impl: str = "pyfuse3"              # the FUSE binding: pyfuse3, mfusepy or kernel
 
 
 class Daemon:
@@ -89,8 +90,17 @@ class Daemon:
         self.trash.finalize_stale()
         self.audit = (AuditLog(config.store_root, str(config.mountpoint), config.audit_strict)
                       if config.audit else None)
-        self.ops: AgentfsOperations | PerProcessOperations | MfuseOperations
-        if config.impl == "mfusepy":
+        self.ops: (AgentfsOperations | PerProcessOperations | MfuseOperations
+                   | KernelOperations)
+        if config.impl == "kernel":  # FUSE spoken directly (agentfs/mount/kernel)
+            if config.per_process:
+                raise UserError("per-process views need the pyfuse3 front end "
+                                "(drop --impl kernel)")
+            assert config.branch is not None
+            overlay = open_branch_view(store, config.branch, self.holder)
+            self.ops = KernelOperations(overlay, self._guard(overlay, config.branch),
+                                        self._recorder(config.branch))
+        elif config.impl == "mfusepy":
             if config.per_process:
                 raise UserError("per-process views need the pyfuse3 front end "
                                 "(drop --impl mfusepy)")
@@ -126,7 +136,7 @@ class Daemon:
     def _recorder(self, branch: str) -> Recorder | None:
         return Recorder(self.audit, branch) if self.audit is not None else None
 
-    def _views(self) -> list[AgentfsOperations | MfuseOperations]:
+    def _views(self) -> list[AgentfsOperations | MfuseOperations | KernelOperations]:
         if isinstance(self.ops, PerProcessOperations):
             return list(self.ops.views.values())
         return [self.ops]
@@ -164,7 +174,8 @@ class Daemon:
             if n:
                 log.info("audit retention: removed %d events", n)
 
-    def _view_of(self, branch: str) -> AgentfsOperations | MfuseOperations | None:
+    def _view_of(self, branch: str
+                 ) -> AgentfsOperations | MfuseOperations | KernelOperations | None:
         if isinstance(self.ops, PerProcessOperations):
             self.store.branch(branch)
             return self.ops.view(branch)
@@ -345,6 +356,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     store, daemon = opened
     raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel
+    assert not isinstance(daemon.ops, KernelOperations)  # serve_kernel serves those
     try:
         pyfuse3.init(daemon.ops, config.mountpoint, fuse_options(config.debug))
     except RuntimeError as exc:
@@ -410,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         from agentfs.mount.mfuse_daemon import serve_mfusepy
 
         return serve_mfusepy(config, ready)
+    if config.impl == "kernel":
+        from agentfs.mount.kernel.daemon import serve_kernel
+
+        return serve_kernel(config, ready)
     return serve(config, ready)
 
 

@@ -22,7 +22,7 @@ READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
 
 
-IMPLS = ("pyfuse3", "mfusepy")
+IMPLS = ("pyfuse3", "mfusepy", "kernel")  # kernel: FUSE spoken directly (mount/kernel)
 
 
 def choose_impl(impl: str | None) -> str:
@@ -31,7 +31,8 @@ def choose_impl(impl: str | None) -> str:
     chosen = impl or os.environ.get("AGENTFS_FUSE_IMPL") or (
         "pyfuse3" if sys.platform.startswith("linux") else "mfusepy")
     if chosen not in IMPLS:
-        raise UserError(f"unknown FUSE front end {chosen!r} (choose {' or '.join(IMPLS)})")
+        raise UserError(f"unknown FUSE front end {chosen!r} "
+                        f"(choose {', '.join(IMPLS[:-1])} or {IMPLS[-1]})")
     return chosen
 
 

@@ -1,0 +1,118 @@
+"""Serving a mount through the kernel front end (FUSE spoken directly, no libfuse).
+
+The main thread runs the request loop.  The daemon's own work (control socket, policy
+file watching, retention, session pruning) runs in a trio loop on a second thread,
+taking the engine lock around anything that touches the engine, as in the mfusepy
+daemon.  SIGHUP (reload the policy), SIGTERM and SIGINT (unmount) are blocked in every
+thread and taken by one thread that waits for them: unmounting from the loop's own
+thread could deadlock (the kernel may need the loop to answer the last writes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from agentfs.mount.daemon import Daemon, MountConfig, open_daemon, raise_fd_limit
+from agentfs.mount.kernel.ops import KernelOperations
+from agentfs.mount.kernel.session import MountError, Session
+
+log = logging.getLogger(__name__)
+
+SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+class _Background:
+    """The trio loop of the daemon's own tasks, on its own thread."""
+
+    def __init__(self, daemon: Daemon, lock: threading.RLock) -> None:
+        self.daemon, self.lock = daemon, lock
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.scope: trio.CancelScope | None = None
+        self.thread = threading.Thread(target=self._run, name="agentfs-control", daemon=True)
+
+    def _guarded(self, call: Callable[[], Any]) -> Any:
+        with self.lock:
+            return call()
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self.token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                self.scope = scope
+                async with trio.open_nursery() as nursery:
+                    self.daemon.start_tasks(nursery, self._guarded)
+        try:
+            trio.run(main)
+        except Exception:
+            log.exception("the control loop failed")
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+        if self.token is not None and self.scope is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(self.scope.cancel)
+        self.thread.join(timeout=10)
+
+
+def _take_signals(daemon: Daemon, session: Session, lock: threading.RLock) -> None:
+    while True:
+        signum = signal.sigwait(SIGNALS)
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP: reloading the policy")
+            with lock:
+                daemon.reload_policies()
+            continue
+        log.info("%s: unmounting %s", signal.Signals(signum).name, session.mountpoint)
+        session.unmount()
+
+
+def serve_kernel(config: MountConfig, ready: Callable[[str | None], None]) -> int:
+    """Mount and serve through the kernel front end; *ready* as for `daemon.serve`."""
+    # before any thread exists (the audit writer starts with the daemon): every thread
+    # inherits the mask, so only the waiting thread below ever takes these signals
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    opened = open_daemon(config, ready)
+    if opened is None:
+        return 1
+    store, daemon = opened
+    ops = daemon.ops
+    assert isinstance(ops, KernelOperations)
+    raise_fd_limit()
+    os.umask(0)  # modes arrive already masked by the kernel (DONT_MASK or not)
+    session = Session(config.mountpoint, ops.engine_lock, config.debug)
+    ops.attach(session)
+    try:
+        session.mount()
+    except (MountError, OSError) as exc:
+        ready(f"could not mount {config.mountpoint}: {exc}")
+        daemon.close()
+        store.close()
+        return 1
+    background = _Background(daemon, ops.engine_lock)
+    try:
+        store.add_mount(config.branch, config.mountpoint, os.getpid(), "pinned",
+                        config.log_path)
+        threading.Thread(target=_take_signals, args=(daemon, session, ops.engine_lock),
+                         daemon=True, name="agentfs-signals").start()
+        background.thread.start()
+        ready(None)
+        log.info("serving %s at %s (pinned, kernel)", config.branch, config.mountpoint)
+        session.serve()
+    finally:
+        ops.shutdown()
+        background.stop()
+        session.close()
+        daemon.close()
+        store.remove_mount(config.mountpoint)
+        store.close()
+        log.info("unmounted %s", config.mountpoint)
+    return 0

@@ -1,0 +1,770 @@
+"""The kernel front end's adapter: FUSE requests, as the kernel sends them, to the
+gate, the guard and the overlay engine, exactly as the pyfuse3 front end does.
+
+Every handler has one signature, ``(n, unique, nodeid, uid, gid, pid)``, reads its
+arguments from the session's request buffer and returns the whole reply message.
+Handlers run on the request loop's thread under `engine_lock` (the daemon's own
+tasks run on a trio thread and take the same lock).
+
+Policy: a check that comes back ALLOWED goes straight on.  A check that asks a
+person (`ask`) must not hold up everybody else: the rest of the request becomes a
+continuation that a thread of its own runs once the answer (or the timeout, or an
+interrupt: FUSE_INTERRUPT or a signal pending on the asking thread) is in; that thread
+takes the engine lock, finishes the request and writes its reply.
+
+Kernel caching (pinned mode only): the daemon is the only writer of the branch, so
+entries, attributes and negative lookups are cached for CACHE_TIMEOUT, file pages are
+kept across opens (FOPEN_KEEP_CACHE), the writeback cache is on, and directory
+listings are cached by the kernel (FOPEN_CACHE_DIR): changes made through the mount
+invalidate them in the kernel; a change the daemon makes on its own (trash restore)
+is announced with inval_entry + inval_inode of the parent.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ctypes
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from agentfs.audit.recorder import PENDING, Recorder, finish_pending
+from agentfs.errors import FsError
+from agentfs.mount.boundary import errno_for
+from agentfs.mount.gate import Gate
+from agentfs.mount.kernel import proto as p
+from agentfs.mount.kernel.session import Session
+from agentfs.overlay.attrs import Attr
+from agentfs.overlay.engine import Overlay
+from agentfs.overlay.hostio import join, split
+from agentfs.policy.approvals import ApprovalBroker, Ticket
+from agentfs.policy.guard import ALLOWED, Guard, Verdict, open_ops
+from agentfs.proc import interrupted
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT: Final = 300    # seconds, as the pyfuse3 front end (fuse3_ops.CACHE_TIMEOUT)
+POLL: Final = 0.05            # how often a waiting request looks for a pending signal
+NS: Final = 1_000_000_000
+M32: Final = 0xFFFFFFFF
+RENAME_EXCHANGE: Final = 2
+DIR_OPEN_FLAGS: Final = p.FOPEN_CACHE_DIR | p.FOPEN_KEEP_CACHE
+_ACCMODE: Final = os.O_ACCMODE
+
+Reply = bytes | list[Any] | None
+
+
+class _Waiter:
+    """A request waiting for a person's answer."""
+
+    __slots__ = ("event", "interrupted", "pid", "unique")
+
+    def __init__(self, unique: int, pid: int) -> None:
+        self.unique, self.pid = unique, pid
+        self.event = threading.Event()
+        self.interrupted = False
+
+
+def _kill_suid(mode: int) -> int | None:
+    """The mode without set-uid (and set-gid, if group-executable), or None if
+    there is nothing to drop (what a write by a caller without CAP_FSETID does)."""
+    if not stat.S_ISREG(mode):
+        return None
+    drop = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+    return mode & ~drop & 0o7777 if mode & drop else None
+
+
+class KernelOperations:
+    """One pinned branch view behind the kernel protocol."""
+
+    def __init__(self, overlay: Overlay, guard: Guard | None = None,
+                 recorder: Recorder | None = None, cache_timeout: int = CACHE_TIMEOUT) -> None:
+        self.ov = overlay
+        self.guard = guard
+        self.gate = Gate(overlay, guard, recorder)
+        self.engine_lock = threading.RLock()
+        self.timeout = int(cache_timeout)
+        self.session: Session | None = None
+        self.buf = bytearray()
+        self.mv = memoryview(self.buf)
+        self._dirs: dict[int, tuple[str, list[str]]] = {}
+        self._xattr_names: dict[int, frozenset[bytes]] = {}
+        self._next_dir = 1
+        self._waiting: dict[int, _Waiter] = {}
+        self._threads: set[threading.Thread] = set()
+        self._setxattr_ext = False
+        self._killpriv_v2 = False
+        self._libc: ctypes.CDLL | None = None
+
+    # -- wiring ----------------------------------------------------------------------------
+    def attach(self, session: Session) -> None:
+        """Serve *session*'s requests: fill its dispatch table."""
+        self.session = session
+        self.buf = session.buf
+        self.mv = memoryview(session.buf)
+        session.on_interrupt = self._interrupt
+        session.on_init = self._init
+        t = session.table
+        t[p.LOOKUP] = self.lookup
+        t[p.FORGET] = self.forget
+        t[p.BATCH_FORGET] = self.batch_forget
+        t[p.GETATTR] = self.getattr
+        t[p.SETATTR] = self.setattr
+        t[p.READLINK] = self.readlink
+        t[p.SYMLINK] = self.symlink
+        t[p.MKNOD] = self.mknod
+        t[p.MKDIR] = self.mkdir
+        t[p.UNLINK] = self.unlink
+        t[p.RMDIR] = self.rmdir
+        t[p.RENAME] = self.rename
+        t[p.RENAME2] = self.rename2
+        t[p.LINK] = self.link
+        t[p.OPEN] = self.open
+        t[p.READ] = self.read
+        t[p.WRITE] = self.write
+        t[p.STATFS] = self.statfs
+        t[p.RELEASE] = self.release
+        t[p.FSYNC] = self.fsync
+        t[p.SETXATTR] = self.setxattr
+        t[p.GETXATTR] = self.getxattr
+        t[p.LISTXATTR] = self.listxattr
+        t[p.REMOVEXATTR] = self.removexattr
+        t[p.FLUSH] = self.flush
+        t[p.OPENDIR] = self.opendir
+        t[p.READDIR] = self.readdir
+        t[p.READDIRPLUS] = self.readdirplus
+        t[p.RELEASEDIR] = self.releasedir
+        t[p.FSYNCDIR] = self.fsyncdir
+        t[p.ACCESS] = self.access
+        t[p.CREATE] = self.create
+        t[p.FALLOCATE] = self.fallocate
+        t[p.COPY_FILE_RANGE] = self.copy_file_range
+        # LSEEK (SEEK_DATA/SEEK_HOLE) stays ENOSYS: the kernel does not write dirty
+        # pages back before asking, so with the writeback cache the host file's holes
+        # would be wrong; the kernel's fallback (all data up to the size) is right.
+
+    def _init(self, flags: int) -> None:
+        self._setxattr_ext = bool(flags & p.SETXATTR_EXT)
+        self._killpriv_v2 = bool(flags & p.HANDLE_KILLPRIV_V2)
+
+    def shutdown(self) -> None:
+        """The loop is over: end every wait for an answer (EINTR) and let them finish."""
+        with self.engine_lock:
+            for waiter in self._waiting.values():
+                waiter.interrupted = True
+                waiter.event.set()
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout=5)
+
+    # -- what the daemon asks of a view ------------------------------------------------------
+    def drop_kernel_entry(self, path: str) -> None:
+        """Make the kernel look *path* up again (it may hold a negative entry for it) and
+        list its directory again (a cached listing lacks it)."""
+        if not path or self.session is None:
+            return
+        parent, name = split(path)
+        for ino, node in self.ov.inodes.nodes.items():
+            if parent in node.paths:
+                self.session.notify_inval_entry(ino, os.fsencode(name))
+                self.session.notify_inval_inode(ino)
+                return
+
+    def drop_kernel_entries(self) -> None:
+        """Make the kernel look every known name up again (after a policy reload that
+        restricts stat, cached entries must not answer for the old policy)."""
+        if self.session is None:
+            return
+        by_path = {q: ino for ino, node in self.ov.inodes.nodes.items() for q in node.paths}
+        for path in by_path:
+            if not path:
+                continue
+            parent, name = split(path)
+            parent_ino = by_path.get(parent)
+            if parent_ino is not None:
+                self.session.notify_inval_entry(parent_ino, os.fsencode(name))
+
+    # -- request helpers -----------------------------------------------------------------------
+    def _name(self, start: int, n: int) -> str:
+        """The NUL-terminated name at *start* in the request."""
+        end = self.buf.find(0, start, n)
+        return self.buf[start:n if end < 0 else end].decode("utf-8", "surrogateescape")
+
+    def _two_names(self, start: int, n: int) -> tuple[str, str]:
+        buf = self.buf
+        mid = buf.find(0, start, n)
+        end = buf.find(0, mid + 1, n)
+        return (buf[start:mid].decode("utf-8", "surrogateescape"),
+                buf[mid + 1:n if end < 0 else end].decode("utf-8", "surrogateescape"))
+
+    def _path(self, nodeid: int) -> str:
+        return self.ov.inodes.path(nodeid)
+
+    def _entry(self, unique: int, a: Attr) -> bytes:
+        t = self.timeout
+        asec, ans = divmod(a.atime_ns, NS)
+        msec, mns = divmod(a.mtime_ns, NS)
+        csec, cns = divmod(a.ctime_ns, NS)
+        return p.ENTRY_OUT.pack(144, 0, unique, a.ino, 0, t, t, 0, 0, a.ino, a.size,
+                                a.blocks, asec, msec, csec, ans, mns, cns, a.mode, a.nlink,
+                                a.uid, a.gid, a.rdev & M32, a.blksize, 0)
+
+    def _negative(self, unique: int) -> bytes:
+        return p.ENTRY_OUT.pack(144, 0, unique, 0, 0, self.timeout, 0, 0, 0, 0, 0, 0, 0, 0,
+                                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+    def _attr(self, unique: int, a: Attr) -> bytes:
+        asec, ans = divmod(a.atime_ns, NS)
+        msec, mns = divmod(a.mtime_ns, NS)
+        csec, cns = divmod(a.ctime_ns, NS)
+        return p.ATTR_OUT.pack(120, 0, unique, self.timeout, 0, 0, a.ino, a.size, a.blocks,
+                               asec, msec, csec, ans, mns, cns, a.mode, a.nlink, a.uid, a.gid,
+                               a.rdev & M32, a.blksize, 0)
+
+    def _new(self, unique: int, path: str, attr: Attr) -> bytes:
+        """A new object's entry: the kernel now holds a reference to it."""
+        self.ov.inodes.remember(attr.ino, path)
+        return self._entry(unique, attr)
+
+    @staticmethod
+    def _ok(unique: int) -> bytes:
+        return p.OUT_HEADER.pack(16, 0, unique)
+
+    @staticmethod
+    def _data(unique: int, data: bytes) -> bytes | list[Any]:
+        if len(data) < 65536:
+            return p.OUT_HEADER.pack(16 + len(data), 0, unique) + data
+        return [p.OUT_HEADER.pack(16 + len(data), 0, unique), data]
+
+    # -- policy ---------------------------------------------------------------------------------
+    def _go(self, verdict: Verdict, path: str, unique: int, pid: int,
+            then: Callable[[], Reply]) -> Reply:
+        """Go on (*then*), fail, or hand the rest of the request to a waiting thread."""
+        if verdict is ALLOWED:
+            return then()
+        if verdict.errno:
+            raise FsError(verdict.errno)
+        if verdict.ticket is None:
+            self.gate.allowed(verdict, path)
+            return then()
+        assert self.guard is not None
+        waiter = _Waiter(unique, pid)
+        verdict.ticket.add_waker(waiter.event.set)
+        self._waiting[unique] = waiter
+        context = contextvars.copy_context()  # the caller and the audit event go along
+        PENDING.set(None)                      # finished by the waiting thread
+        thread = threading.Thread(target=context.run, name=f"agentfs-ask-{unique}",
+                                  args=(self._finish_asked, waiter, verdict, path, then),
+                                  daemon=True)
+        self._threads.add(thread)
+        thread.start()
+        return None
+
+    def _finish_asked(self, waiter: _Waiter, verdict: Verdict, path: str,
+                      then: Callable[[], Reply]) -> None:
+        ticket = verdict.ticket
+        assert ticket is not None and self.guard is not None and self.session is not None
+        reply: Reply
+        try:
+            self._wait(waiter, ticket, self.guard.broker)
+        except FsError as exc:
+            with self.engine_lock:
+                finish_pending(exc.errno)
+            reply = p.OUT_HEADER.pack(16, -exc.errno, waiter.unique)
+        else:
+            with self.engine_lock:
+                try:
+                    if (ticket.answer or ticket.on_timeout) != "allow":
+                        raise FsError(verdict.decision.errno if verdict.decision
+                                      else errno.EACCES)
+                    self.gate.allowed(verdict, path)
+                    reply = then()
+                except Exception as exc:
+                    code = errno_for(exc, "asked request")
+                    finish_pending(code)
+                    reply = p.OUT_HEADER.pack(16, -code, waiter.unique)
+                else:
+                    finish_pending(0)
+        with self.engine_lock:
+            self._waiting.pop(waiter.unique, None)
+            self._threads.discard(threading.current_thread())
+        if reply is not None:
+            self.session.reply(reply)
+
+    def _wait(self, waiter: _Waiter, ticket: Ticket, broker: ApprovalBroker) -> None:
+        """Until the answer, the deadline (the policy's on-timeout decision) or an
+        interrupt (FsError EINTR)."""
+        while True:
+            answered = waiter.event.wait(POLL)
+            if answered and not waiter.interrupted:
+                return
+            if waiter.interrupted or (waiter.pid > 0 and interrupted(waiter.pid)):
+                with self.engine_lock:
+                    if ticket.answer is None:
+                        broker.leave(ticket, "interrupted")
+                raise FsError(errno.EINTR)
+            if time.monotonic() >= ticket.deadline:
+                with self.engine_lock:
+                    if ticket.answer is None:
+                        broker.leave(ticket, "timeout")
+                return
+
+    def _interrupt(self, unique: int) -> None:
+        """FUSE_INTERRUPT: the asking thread got a signal; only a waiting request can
+        be cut short (everything else is answered before the next request is read)."""
+        waiter = self._waiting.get(unique)
+        if waiter is not None:
+            waiter.interrupted = True
+            waiter.event.set()
+
+    # -- namespace ------------------------------------------------------------------------------
+    def lookup(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        name = self._name(40, n)
+        ov = self.ov
+        if name == ".":
+            return self._entry(unique, ov.getattr_ino(nodeid))
+        path = join(ov.inodes.path(nodeid), name)
+        if name == "..":
+            parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
+            return self._new(unique, parent, ov.getattr(parent))
+        if self.gate.restricts(pid, "stat"):
+            return self._go(self.gate.check(pid, uid, (("stat", path),)), path, unique, pid,
+                            lambda: self._lookup(unique, path))
+        return self._lookup(unique, path)
+
+    def _lookup(self, unique: int, path: str) -> bytes:
+        try:
+            attr = self.ov.lookup(path)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return self._negative(unique)
+        return self._entry(unique, attr)
+
+    def _forget_one(self, nodeid: int, count: int) -> None:
+        self.ov.forget(nodeid, count)
+        if not self.ov.inodes.referenced(nodeid):
+            self._xattr_names.pop(nodeid, None)
+
+    def forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        self._forget_one(nodeid, p.FORGET_IN.unpack_from(self.buf, 40)[0])
+        return None
+
+    def batch_forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                     ) -> Reply:
+        count = p.BATCH_FORGET_IN.unpack_from(self.buf, 40)[0]
+        for ino, nlookup in p.FORGET_ONE.iter_unpack(self.mv[48:48 + 16 * count]):
+            try:
+                self._forget_one(ino, nlookup)
+            except Exception:
+                log.exception("forget of inode %d", ino)
+        return None
+
+    def getattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        ov = self.ov
+        if self.gate.restricts(pid, "stat") and ov.inodes.has_path(nodeid):
+            path = ov.inodes.path(nodeid)
+            return self._go(self.gate.check(pid, uid, (("stat", path),)), path, unique, pid,
+                            lambda: self._attr(unique, ov.getattr_ino(nodeid)))
+        return self._attr(unique, ov.getattr_ino(nodeid))
+
+    def setattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        (valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, new_uid,
+         new_gid, _) = p.SETATTR_IN.unpack_from(self.buf, 40)
+        ov = self.ov
+        path = ov.inodes.path(nodeid) if ov.inodes.has_path(nodeid) else None
+        now = time.time_ns() if valid & (p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW) else 0
+        atime_ns = (atime * NS + atimens if valid & p.FATTR_ATIME
+                    else now if valid & p.FATTR_ATIME_NOW else None)
+        mtime_ns = (mtime * NS + mtimens if valid & p.FATTR_MTIME
+                    else now if valid & p.FATTR_MTIME_NOW else None)
+        handle = fh if valid & p.FATTR_FH else None
+
+        def then() -> bytes:
+            result = ov.setattr(
+                path, mode=mode if valid & p.FATTR_MODE else None,
+                uid=new_uid if valid & p.FATTR_UID else None,
+                gid=new_gid if valid & p.FATTR_GID else None,
+                size=size if valid & p.FATTR_SIZE else None,
+                atime_ns=atime_ns, mtime_ns=mtime_ns, fh=handle, ino=nodeid)
+            if valid & p.FATTR_KILL_SUIDGID and self._killpriv_v2:
+                killed = _kill_suid(result.mode)
+                if killed is not None:
+                    result = ov.setattr(path, mode=killed, fh=handle, ino=nodeid)
+            return self._attr(unique, result)
+
+        if path is not None and self.guard is not None:
+            ops = [op for op, wanted in (
+                ("chmod", valid & p.FATTR_MODE),
+                ("chown", valid & (p.FATTR_UID | p.FATTR_GID)),
+                ("truncate", valid & p.FATTR_SIZE),
+                ("utimens", atime_ns is not None or mtime_ns is not None)) if wanted]
+            if ops:
+                return self._go(self.gate.check_object(pid, uid, ops, path), path, unique,
+                                pid, then)
+        return then()
+
+    def readlink(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                 ) -> Reply:
+        path = self._path(nodeid)
+        return self._go(self.gate.check(pid, uid, (("readlink", path),)), path, unique, pid,
+                        lambda: self._data(unique, os.fsencode(self.ov.readlink(path))))
+
+    def symlink(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        name, target = self._two_names(40, n)
+        path = join(self._path(nodeid), name)
+        return self._go(self.gate.check(pid, uid, (("symlink", path),)), path, unique, pid,
+                        lambda: self._new(unique, path,
+                                          self.ov.symlink(path, target, uid, gid)))
+
+    def mknod(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        mode, rdev, _, _ = p.MKNOD_IN.unpack_from(self.buf, 40)
+        path = join(self._path(nodeid), self._name(56, n))
+        return self._go(self.gate.check(pid, uid, (("mknod", path),)), path, unique, pid,
+                        lambda: self._new(unique, path,
+                                          self.ov.mknod(path, mode, rdev, uid, gid)))
+
+    def mkdir(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        mode = p.MKDIR_IN.unpack_from(self.buf, 40)[0]
+        path = join(self._path(nodeid), self._name(48, n))
+        return self._go(self.gate.check(pid, uid, (("mkdir", path),)), path, unique, pid,
+                        lambda: self._new(unique, path, self.ov.mkdir(path, mode, uid, gid)))
+
+    def link(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        old = p.LINK_IN.unpack_from(self.buf, 40)[0]
+        dst = join(self._path(nodeid), self._name(48, n))
+        src = self._path(old)
+
+        def then() -> bytes:
+            attr = self.ov.link(src, dst)
+            self.gate.linked(attr.ino, dst)
+            return self._new(unique, dst, attr)
+
+        return self._go(self.gate.check_link(pid, uid, src, dst), dst, unique, pid, then)
+
+    def unlink(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        path = join(self._path(nodeid), self._name(40, n))
+
+        def then() -> bytes:
+            self.ov.unlink(path)
+            return self._ok(unique)
+
+        return self._go(self.gate.check(pid, uid, (("unlink", path),)), path, unique, pid,
+                        then)
+
+    def rmdir(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        path = join(self._path(nodeid), self._name(40, n))
+
+        def then() -> bytes:
+            self.ov.rmdir(path)
+            return self._ok(unique)
+
+        return self._go(self.gate.check(pid, uid, (("rmdir", path),)), path, unique, pid,
+                        then)
+
+    def rename(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        newdir = p.RENAME_IN.unpack_from(self.buf, 40)[0]
+        return self._rename(unique, nodeid, newdir, 0, *self._two_names(48, n), uid, pid)
+
+    def rename2(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        newdir, flags, _ = p.RENAME2_IN.unpack_from(self.buf, 40)
+        return self._rename(unique, nodeid, newdir, flags, *self._two_names(56, n), uid, pid)
+
+    def _rename(self, unique: int, olddir: int, newdir: int, flags: int, old: str, new: str,
+                uid: int, pid: int) -> Reply:
+        src = join(self._path(olddir), old)
+        dst = join(self._path(newdir), new)
+        exchange = bool(flags & RENAME_EXCHANGE)
+
+        def then() -> bytes:
+            self.ov.rename(src, dst, flags)
+            self.gate.renamed(src, dst, exchange)
+            return self._ok(unique)
+
+        return self._go(self.gate.check_rename(pid, uid, src, dst, exchange), dst, unique,
+                        pid, then)
+
+    # -- files ------------------------------------------------------------------------------------
+    def open(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        flags, open_flags = p.OPEN_IN.unpack_from(self.buf, 40)
+        path = self._path(nodeid)
+
+        def then() -> bytes:
+            fh = self.ov.open(path, flags)
+            self.gate.opened(fh, path, pid, uid)
+            if open_flags & p.OPEN_KILL_SUIDGID and self._killpriv_v2:
+                self._kill_suid_fh(fh)
+            return p.OPEN_OUT.pack(32, 0, unique, fh, p.FOPEN_KEEP_CACHE, 0)
+
+        ops = open_ops(flags)
+        if not ops:
+            return then()
+        return self._go(self.gate.check_object(pid, uid, ops, path, "open"), path, unique,
+                        pid, then)
+
+    def _kill_suid_fh(self, fh: int) -> None:
+        killed = _kill_suid(self.ov.fh_attr(fh).mode)
+        if killed is not None:
+            self.ov.setattr(None, mode=killed, fh=fh)
+
+    def create(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        flags, mode, _, _ = p.CREATE_IN.unpack_from(self.buf, 40)
+        path = join(self._path(nodeid), self._name(56, n))
+
+        def then() -> bytes:
+            fh, a = self.ov.create(path, flags, mode, uid, gid)
+            self.gate.opened(fh, path, pid, uid)
+            self.ov.inodes.remember(a.ino, path)
+            t = self.timeout
+            asec, ans = divmod(a.atime_ns, NS)
+            msec, mns = divmod(a.mtime_ns, NS)
+            csec, cns = divmod(a.ctime_ns, NS)
+            return p.CREATE_OUT.pack(160, 0, unique, a.ino, 0, t, t, 0, 0, a.ino, a.size,
+                                     a.blocks, asec, msec, csec, ans, mns, cns, a.mode,
+                                     a.nlink, a.uid, a.gid, a.rdev & M32, a.blksize, 0, fh,
+                                     p.FOPEN_KEEP_CACHE, 0)
+
+        return self._go(self.gate.check(pid, uid, (("create", path), ("open_write", path),
+                                                   ("write", path))), path, unique, pid, then)
+
+    def read(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(self.buf, 40)
+        data = self.ov.read(fh, offset, size)
+        self.gate.read(fh, len(data))
+        return self._data(unique, data)
+
+    def write(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        fh, offset, size, write_flags, _, _, _ = p.WRITE_IN.unpack_from(self.buf, 40)
+        written = self.ov.write(fh, offset, self.mv[80:80 + size])  # type: ignore[arg-type]
+        self.gate.wrote(fh, written)
+        if write_flags & p.WRITE_KILL_SUIDGID and self._killpriv_v2:
+            self._kill_suid_fh(fh)
+        return p.WRITE_OUT.pack(24, 0, unique, written, 0)
+
+    def flush(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        return p.OUT_HEADER.pack(16, 0, unique)  # data goes straight to the host file
+
+    def fsync(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        fh, flags, _ = p.FSYNC_IN.unpack_from(self.buf, 40)
+        self.ov.fsync(fh, bool(flags & p.FSYNC_FDATASYNC))
+        return p.OUT_HEADER.pack(16, 0, unique)
+
+    def release(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        fh = p.RELEASE_IN.unpack_from(self.buf, 40)[0]
+        self.ov.release(fh)
+        self.gate.released(fh)
+        return p.OUT_HEADER.pack(16, 0, unique)
+
+    def _writable_fd(self, fh: int) -> int:
+        handle = self.ov.handles.get(fh)
+        if handle is None or handle.flags & _ACCMODE == os.O_RDONLY:
+            raise FsError(errno.EBADF)
+        return handle.fd
+
+    def fallocate(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                  ) -> Reply:
+        fh, offset, length, mode, _ = p.FALLOCATE_IN.unpack_from(self.buf, 40)
+        fd = self._writable_fd(fh)
+        if mode == 0:
+            os.posix_fallocate(fd, offset, length)
+        else:
+            if self._libc is None:
+                self._libc = ctypes.CDLL(None, use_errno=True)
+                self._libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int,
+                                                 ctypes.c_longlong, ctypes.c_longlong]
+            if self._libc.fallocate(fd, mode, offset, length) != 0:
+                raise FsError(ctypes.get_errno() or errno.EIO)
+        return p.OUT_HEADER.pack(16, 0, unique)
+
+    def copy_file_range(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                        ) -> Reply:
+        fh_in, off_in, _, fh_out, off_out, length, flags = \
+            p.COPY_FILE_RANGE_IN.unpack_from(self.buf, 40)
+        if flags:
+            raise FsError(errno.EINVAL)
+        source = self.ov.handles.get(fh_in)
+        if source is None:
+            raise FsError(errno.EBADF)
+        copied = os.copy_file_range(source.fd, self._writable_fd(fh_out), length, off_in,
+                                    off_out)
+        self.gate.read(fh_in, copied)
+        self.gate.wrote(fh_out, copied)
+        return p.WRITE_OUT.pack(24, 0, unique, copied, 0)
+
+    # -- directories ----------------------------------------------------------------------------
+    def opendir(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        path = self._path(nodeid)
+
+        def then() -> bytes:
+            names = self.ov.listdir(path)
+            fh = self._next_dir
+            self._next_dir += 1
+            self._dirs[fh] = (path, names)
+            return p.OPEN_OUT.pack(32, 0, unique, fh, DIR_OPEN_FLAGS, 0)
+
+        return self._go(self.gate.check(pid, uid, (("readdir", path),)), path, unique, pid,
+                        then)
+
+    def _listing(self, fh: int, offset: int) -> tuple[str, list[str]]:
+        path, names = self._dirs[fh]
+        if offset == 0:  # (re)start: a fresh snapshot, so rewinddir sees changes
+            names = self.ov.listdir(path)
+            self._dirs[fh] = (path, names)
+        return path, names
+
+    def readdir(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(self.buf, 40)
+        path, names = self._listing(fh, offset)
+        getattr_ = self.ov.getattr
+        pack = p.DIRENT.pack
+        pad = p.PADDING
+        parts = [b""]
+        room = size
+        for i in range(offset, len(names)):
+            name = names[i]
+            try:
+                a = getattr_(join(path, name))
+            except FsError:
+                continue  # removed since the snapshot
+            raw = name.encode("utf-8", "surrogateescape")
+            length = 24 + len(raw)
+            padded = (length + 7) & ~7
+            if padded > room:
+                break
+            room -= padded
+            parts.append(pack(a.ino, i + 1, len(raw), (a.mode >> 12) & 0xF) + raw
+                         + pad[padded - length])
+        parts[0] = p.OUT_HEADER.pack(16 + size - room, 0, unique)
+        return b"".join(parts)
+
+    def readdirplus(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                    ) -> Reply:
+        fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(self.buf, 40)
+        path, names = self._listing(fh, offset)
+        ov = self.ov
+        getattr_ = ov.getattr
+        remember = ov.inodes.remember
+        pack = p.DIRENTPLUS.pack
+        pad = p.PADDING
+        t = self.timeout
+        parts = [b""]
+        room = size
+        for i in range(offset, len(names)):
+            name = names[i]
+            child = join(path, name)
+            try:
+                a = getattr_(child)
+            except FsError:
+                continue  # removed since the snapshot
+            raw = name.encode("utf-8", "surrogateescape")
+            length = 152 + len(raw)
+            padded = (length + 7) & ~7
+            if padded > room:
+                break
+            room -= padded
+            asec, ans = divmod(a.atime_ns, NS)
+            msec, mns = divmod(a.mtime_ns, NS)
+            csec, cns = divmod(a.ctime_ns, NS)
+            parts.append(pack(a.ino, 0, t, t, 0, 0, a.ino, a.size, a.blocks, asec, msec, csec,
+                              ans, mns, cns, a.mode, a.nlink, a.uid, a.gid, a.rdev & M32,
+                              a.blksize, 0, a.ino, i + 1, len(raw), (a.mode >> 12) & 0xF)
+                         + raw + pad[padded - length])
+            remember(a.ino, child)  # the kernel counts a lookup for every entry
+        parts[0] = p.OUT_HEADER.pack(16 + size - room, 0, unique)
+        return b"".join(parts)
+
+    def releasedir(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                   ) -> Reply:
+        self._dirs.pop(p.RELEASE_IN.unpack_from(self.buf, 40)[0], None)
+        return p.OUT_HEADER.pack(16, 0, unique)
+
+    def fsyncdir(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                 ) -> Reply:
+        return p.OUT_HEADER.pack(16, 0, unique)  # directory changes are already durable
+
+    # -- misc -------------------------------------------------------------------------------------
+    def statfs(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        st = self.ov.statfs()
+        return p.STATFS_OUT.pack(96, 0, unique, st.f_blocks, st.f_bfree, st.f_bavail,
+                                 st.f_files, st.f_ffree, st.f_bsize, st.f_namemax, st.f_frsize,
+                                 0)
+
+    def access(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
+        mask = p.ACCESS_IN.unpack_from(self.buf, 40)[0]
+        if not self.ov.access(self._path(nodeid), mask, uid, [gid]):
+            raise FsError(errno.EACCES)
+        return p.OUT_HEADER.pack(16, 0, unique)
+
+    # The kernel asks for security.capability before writes unless HANDLE_KILLPRIV_V2
+    # is on; each inode's xattr names are remembered (the daemon is the only writer),
+    # so a missing attribute costs no host call.
+    def getxattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                 ) -> Reply:
+        size = p.GETXATTR_IN.unpack_from(self.buf, 40)[0]
+        end = self.buf.find(0, 48, n)
+        raw = bytes(self.buf[48:n if end < 0 else end])
+        names = self._xattr_names.get(nodeid)
+        if names is None:
+            names = frozenset(os.fsencode(x) for x in self.ov.listxattr(self._path(nodeid)))
+            self._xattr_names[nodeid] = names
+        if raw not in names:
+            raise FsError(errno.ENODATA)
+        path = self._path(nodeid)
+
+        def then() -> Reply:
+            return self._sized(unique, size, self.ov.getxattr(path, os.fsdecode(raw)))
+
+        return self._go(self.gate.check_object(pid, uid, ["getxattr"], path), path, unique,
+                        pid, then)
+
+    def _sized(self, unique: int, size: int, value: bytes) -> Reply:
+        """An xattr value or name list: its size when asked with size 0, ERANGE when it
+        does not fit."""
+        if size == 0:
+            return p.GETXATTR_OUT.pack(24, 0, unique, len(value), 0)
+        if len(value) > size:
+            raise FsError(errno.ERANGE)
+        return self._data(unique, value)
+
+    def listxattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                  ) -> Reply:
+        size = p.GETXATTR_IN.unpack_from(self.buf, 40)[0]
+        path = self._path(nodeid)
+        return self._go(self.gate.check_object(pid, uid, ["listxattr"], path), path, unique,
+                        pid, lambda: self._sized(unique, size, b"".join(
+                            os.fsencode(x) + b"\0" for x in self.ov.listxattr(path))))
+
+    def setxattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                 ) -> Reply:
+        size, flags = p.SETXATTR_IN.unpack_from(self.buf, 40)
+        start = 56 if self._setxattr_ext else 48
+        end = self.buf.find(0, start, n)
+        name = self.buf[start:end].decode("utf-8", "surrogateescape")
+        value = bytes(self.buf[end + 1:end + 1 + size])
+        path = self._path(nodeid)
+
+        def then() -> bytes:
+            self._xattr_names.pop(nodeid, None)
+            self.ov.setxattr(path, name, value, flags)
+            return self._ok(unique)
+
+        return self._go(self.gate.check_object(pid, uid, ["setxattr"], path), path, unique,
+                        pid, then)
+
+    def removexattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                    ) -> Reply:
+        name = self._name(40, n)
+        path = self._path(nodeid)
+
+        def then() -> bytes:
+            self._xattr_names.pop(nodeid, None)
+            self.ov.removexattr(path, name)
+            return self._ok(unique)
+
+        return self._go(self.gate.check_object(pid, uid, ["removexattr"], path), path, unique,
+                        pid, then)

@@ -1,0 +1,316 @@
+"""One FUSE connection spoken directly: mount, the request loop, notifications, unmount.
+
+Mounting: as root, /dev/fuse is opened here and mount(2) is called with its fd (what
+libfuse does as root); otherwise fusermount3 mounts and passes the fd back over a
+socketpair (the _FUSE_COMMFD protocol).  Options as the pyfuse3 front end has them:
+fsname and subtype agentfs, default_permissions, allow_other when root, nosuid, nodev.
+
+The loop is plain and blocking, on one thread: read a request, look its handler up by
+opcode, run it under the engine lock, write the reply with one system call.  A handler
+returns the whole reply message (out header included) or None when it replies later
+(a request waiting for a person's answer replies from its own thread) or never
+(FORGET).  An exception in a handler is answered with its errno (a bug: logged, EIO);
+the loop itself only ends when the kernel says the mount is gone (ENODEV).
+
+Notifications (inval_entry, inval_inode) are queued to a thread of their own: the
+kernel may make a notification wait for a directory lock that a request holds, and
+that request may be waiting for the engine lock of whoever is notifying.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+from agentfs.audit.recorder import finish_pending
+from agentfs.mount.boundary import errno_for
+from agentfs.mount.kernel import proto as p
+
+log = logging.getLogger(__name__)
+
+MAX_WRITE: Final = 1 << 20          # bytes of data in one WRITE (needs MAX_PAGES)
+MAX_PAGES: Final = MAX_WRITE // 4096
+BUFFER_SIZE: Final = MAX_WRITE + 4096  # the kernel wants room for a full WRITE request
+MS_NOSUID: Final = 2
+MS_NODEV: Final = 4
+MNT_DETACH: Final = 2
+
+# What we ask of the kernel (each only if offered).  Writeback cache: the daemon is the
+# only writer of a pinned branch, as with pyfuse3's enable_writeback_cache.  Not
+# DONT_MASK: with it the kernel leaves the caller's umask to the filesystem (a file
+# made under umask 022 came out 0666); without it modes arrive masked and the daemon
+# (umask 0) creates them as they are.  HANDLE_KILLPRIV_V2: the kernel tells us when
+# set-uid/set-gid bits must go (write, truncate, O_TRUNC by a caller without
+# CAP_FSETID) and stops asking for security.capability before every write.
+WANTED: Final = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES
+                 | p.AUTO_INVAL_DATA | p.DO_READDIRPLUS | p.READDIRPLUS_AUTO | p.ASYNC_DIO
+                 | p.WRITEBACK_CACHE | p.PARALLEL_DIROPS | p.HANDLE_KILLPRIV_V2
+                 | p.MAX_PAGES | p.INIT_EXT)
+
+Handler = Callable[[int, int, int, int, int, int], "bytes | list[Any] | None"]
+
+
+class MountError(Exception):
+    """The mount could not be made (the message says why)."""
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_char_p]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return libc
+
+
+class Session:
+    """The connection to the kernel for one mountpoint."""
+
+    def __init__(self, mountpoint: str, lock: threading.RLock, debug: bool = False) -> None:
+        self.mountpoint = mountpoint
+        self.lock = lock
+        self.debug = debug
+        self.fd = -1
+        self.buf = bytearray(BUFFER_SIZE)
+        self.table: list[Handler | None] = [None] * p.MAX_OPCODE
+        self.on_interrupt: Callable[[int], None] = lambda unique: None
+        self.on_init: Callable[[int], None] = lambda flags: None
+        self.flags = 0          # the INIT flags agreed on
+        self.minor = 0
+        self.mounted = False
+        self.gone = False       # the kernel ended the connection (unmounted)
+        self._notes: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._notifier: threading.Thread | None = None
+
+    # -- mounting --------------------------------------------------------------------------
+    def mount(self) -> None:
+        if os.getuid() == 0:
+            self._mount_as_root()
+        else:
+            self._mount_with_fusermount()
+        self.mounted = True
+        self._notifier = threading.Thread(target=self._notify_loop, name="agentfs-notify",
+                                          daemon=True)
+        self._notifier.start()
+
+    def _mount_as_root(self) -> None:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        st = os.stat(self.mountpoint)
+        data = (f"fd={fd},rootmode={st.st_mode & 0o170000:o},user_id={os.getuid()},"
+                f"group_id={os.getgid()},default_permissions,allow_other")
+        libc = _libc()
+        if libc.mount(b"agentfs", os.fsencode(self.mountpoint), b"fuse.agentfs",
+                      MS_NOSUID | MS_NODEV, data.encode()) != 0:
+            code = ctypes.get_errno()
+            os.close(fd)
+            raise MountError(f"mount(2) of {self.mountpoint} failed: {os.strerror(code)}")
+        self.fd = fd
+
+    def _mount_with_fusermount(self) -> None:
+        tool = shutil.which("fusermount3")
+        if tool is None:
+            raise MountError("fusermount3 not found (apt install fuse3)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            res = subprocess.run(
+                [tool, "-o", "rw,nosuid,nodev,fsname=agentfs,subtype=agentfs,"
+                 "default_permissions", "--", self.mountpoint],
+                env={**os.environ, "_FUSE_COMMFD": str(theirs.fileno())},
+                pass_fds=(theirs.fileno(),), capture_output=True, text=True, timeout=60,
+                check=False)
+            theirs.close()
+            if res.returncode != 0:
+                raise MountError(f"fusermount3 could not mount {self.mountpoint}: "
+                                 f"{res.stderr.strip() or res.returncode}")
+            _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+        finally:
+            theirs.close()
+            ours.close()
+        if not fds:
+            raise MountError("fusermount3 mounted but passed no /dev/fuse descriptor")
+        os.set_inheritable(fds[0], False)
+        self.fd = fds[0]
+
+    def unmount(self) -> None:
+        """Detach the mount (lazily: open files keep it alive until closed); the loop
+        then ends with ENODEV.  Never call this on the loop's own thread: the kernel
+        may need the loop to answer the last writes first."""
+        if not self.mounted or self.gone:
+            return
+        if os.getuid() == 0:
+            if _libc().umount2(os.fsencode(self.mountpoint), MNT_DETACH) != 0:
+                code = ctypes.get_errno()
+                if code not in (errno.EINVAL, errno.ENOENT):
+                    log.warning("umount2 %s: %s", self.mountpoint, os.strerror(code))
+            return
+        res = subprocess.run(["fusermount3", "-u", "-z", self.mountpoint],
+                             capture_output=True, text=True, timeout=60, check=False)
+        if res.returncode != 0:
+            log.warning("fusermount3 -u %s: %s", self.mountpoint, res.stderr.strip())
+
+    def close(self) -> None:
+        """After the loop: stop the notifier, make sure nothing stays mounted, close."""
+        self._notes.put(None)
+        if self._notifier is not None:
+            self._notifier.join(timeout=5)
+        if self.mounted and not self.gone:
+            self.unmount()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- replies and notifications -----------------------------------------------------------
+    def reply(self, message: bytes | list[Any]) -> None:
+        """Send a reply (from any thread); a request the kernel gave up on is ignored."""
+        try:
+            if isinstance(message, bytes):
+                os.write(self.fd, message)
+            else:
+                os.writev(self.fd, message)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF):
+                log.warning("FUSE reply failed: %s", exc)
+
+    def notify_inval_entry(self, parent: int, name: bytes) -> None:
+        """The kernel forgets *name* in directory *parent* (positive or negative)."""
+        size = p.NOTIFY_INVAL_ENTRY_OUT.size + len(name) + 1
+        self._notes.put(p.NOTIFY_INVAL_ENTRY_OUT.pack(size, p.NOTIFY_INVAL_ENTRY, 0, parent,
+                                                      len(name), 0) + name + b"\0")
+
+    def notify_inval_inode(self, ino: int, offset: int = 0, length: int = 0) -> None:
+        """The kernel forgets *ino*'s attributes and cached pages (a directory's cached
+        listing too); length 0: to the end."""
+        self._notes.put(p.NOTIFY_INVAL_INODE_OUT.pack(p.NOTIFY_INVAL_INODE_OUT.size,
+                                                      p.NOTIFY_INVAL_INODE, 0, ino, offset,
+                                                      length))
+
+    def _notify_loop(self) -> None:
+        while True:
+            message = self._notes.get()
+            if message is None or self.fd < 0:
+                return
+            try:
+                os.write(self.fd, message)
+            except OSError as exc:
+                # ENOENT: the kernel has nothing cached for it; ENODEV: unmounted
+                if exc.errno == errno.ENODEV:
+                    return
+                if exc.errno != errno.ENOENT:
+                    log.warning("FUSE notification failed: %s", exc)
+
+    # -- INIT -------------------------------------------------------------------------------
+    def _init(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+              ) -> bytes:
+        major, minor, max_readahead, offered = p.INIT_IN.unpack_from(self.buf, 40)
+        if major != p.KERNEL_VERSION or minor < p.MIN_MINOR:
+            log.error("the kernel speaks FUSE %d.%d; this front end needs 7.%d or newer",
+                      major, minor, p.MIN_MINOR)
+            return p.OUT_HEADER.pack(16, -errno.EPROTO, unique)
+        agreed = offered & WANTED
+        if not agreed & p.HANDLE_KILLPRIV_V2:
+            agreed |= offered & p.HANDLE_KILLPRIV
+        self.flags, self.minor = agreed, min(minor, p.KERNEL_MINOR)
+        max_pages = MAX_PAGES if agreed & p.MAX_PAGES else 32
+        max_write = min(MAX_WRITE, max_pages * 4096)
+        self.on_init(agreed)
+        log.debug("FUSE INIT: kernel 7.%d offers %#x, agreed %#x (7.%d)", minor, offered,
+                  agreed, self.minor)
+        return p.INIT_OUT.pack(p.INIT_OUT.size, 0, unique, p.KERNEL_VERSION, self.minor,
+                               max_readahead, agreed & 0xFFFFFFFF, 0, 0, max_write, 1,
+                               max_pages, 0, 0)
+
+    def _destroy(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                 ) -> bytes:
+        return p.OUT_HEADER.pack(16, 0, unique)
+
+    def _interrupt(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+                   ) -> None:
+        (target,) = p.INTERRUPT_IN.unpack_from(self.buf, 40)
+        self.on_interrupt(target)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Answer requests until the kernel ends the connection."""
+        table = self.table
+        table[p.INIT] = self._init
+        table[p.DESTROY] = self._destroy
+        table[p.INTERRUPT] = self._interrupt
+        if self.debug:
+            table[:] = [None if h is None else _logged(op, h) for op, h in enumerate(table)]
+        fd, buf, lock = self.fd, self.buf, self.lock
+        bufs = [buf]
+        readv, write, writev = os.readv, os.write, os.writev
+        header = p.IN_HEADER.unpack_from
+        err = p.OUT_HEADER.pack
+        no_reply = p.NO_REPLY
+        limit = p.MAX_OPCODE
+        while True:
+            try:
+                n = readv(fd, bufs)
+            except OSError as exc:
+                if exc.errno == errno.ENODEV:
+                    self.gone = True
+                    return
+                if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                    continue
+                raise
+            _, opcode, unique, nodeid, uid, gid, pid, _, _ = header(buf)
+            handler = table[opcode] if opcode < limit else None
+            if handler is None:
+                reply: bytes | list[Any] | None = (None if opcode in no_reply else
+                                                   err(16, -errno.ENOSYS, unique))
+            else:
+                with lock:
+                    try:
+                        reply = handler(n, unique, nodeid, uid, gid, pid)
+                    except Exception as exc:
+                        code = errno_for(exc, p.OPCODE_NAMES.get(opcode, str(opcode)))
+                        finish_pending(code)
+                        reply = None if opcode in no_reply else err(16, -code, unique)
+                    else:
+                        finish_pending(0)
+            if reply is not None:
+                try:
+                    if type(reply) is bytes:
+                        write(fd, reply)
+                    else:
+                        writev(fd, reply)  # type: ignore[arg-type]
+                except OSError as exc:
+                    if exc.errno == errno.ENODEV:
+                        self.gone = True
+                        return
+                    if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted
+                        log.warning("FUSE reply to %s failed: %s",
+                                    p.OPCODE_NAMES.get(opcode, opcode), exc)
+
+
+def _logged(opcode: int, handler: Handler) -> Handler:
+    """--debug: every request and its outcome in the log."""
+    name = p.OPCODE_NAMES.get(opcode, str(opcode))
+
+    def run(n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+            ) -> bytes | list[Any] | None:
+        log.debug("-> %s #%d node %d pid %d (%d bytes)", name, unique, nodeid, pid, n)
+        try:
+            reply = handler(n, unique, nodeid, uid, gid, pid)
+        except Exception as exc:
+            log.debug("<- %s #%d: %r", name, unique, exc)
+            raise
+        if reply is None:
+            log.debug("<- %s #%d: no reply now", name, unique)
+        else:
+            first = reply if isinstance(reply, bytes) else reply[0]
+            error = p.OUT_HEADER.unpack_from(first)[1]
+            log.debug("<- %s #%d: %s", name, unique,
+                      errno.errorcode.get(-error, error) if error else "ok")
+        return reply
+    return run
+
