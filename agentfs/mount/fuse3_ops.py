@@ -7,8 +7,11 @@ the engine needs no locking here.
 
 Kernel caching (pinned mode): the daemon is the only writer of a pinned branch,
 so entries and attributes are cached for `CACHE_TIMEOUT` seconds, negative lookups
-too, file pages are kept across opens (keep_cache) and the writeback cache is on
-(the kernel owns size/mtime of dirty files; setattr applies what it sends).
+too, and file pages are kept across opens (keep_cache).  The writeback cache is off:
+measured, it costs more than it saves.  Every written file gets an extra SETATTR
+(the kernel flushing mtime at close), and large writes go through the page cache
+first.  Off, create/untar are ~20% faster and 1 MiB writes 3x; only 4 KiB writes
+lose ~15%.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class AgentfsOperations(pyfuse3.Operations):
     mode), so the root's attributes and the names directly under it must not be cached
     by the kernel; everything below belongs to this branch alone and is cached."""
 
-    enable_writeback_cache = True
+    enable_writeback_cache = False
 
     def __init__(self, overlay: Overlay, cache_timeout: float = CACHE_TIMEOUT,
                  space: InodeSpace | None = None, shared_root: bool = False,

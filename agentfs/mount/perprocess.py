@@ -73,7 +73,7 @@ class BranchSpace(InodeSpace):
 
 
 class PerProcessOperations(pyfuse3.Operations):
-    enable_writeback_cache = True
+    enable_writeback_cache = False
 
     def __init__(self, store: Store, sessions: SessionTable, default_branch: str | None,
                  deny_unbound: bool, make_guard: GuardFactory | None = None,
