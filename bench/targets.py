@@ -9,6 +9,7 @@ mounts behind damages the machine it measures.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -88,6 +89,7 @@ class Target(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     fuse: ClassVar[bool] = False
+    default: ClassVar[bool] = True  # in the default set (otherwise only with --only)
 
     def unavailable(self) -> str | None:
         """Why this target cannot run on this machine, or None if it should be tried."""
@@ -173,9 +175,11 @@ class FuseDaemonTarget(Target):
 
     fuse = True
     binary: ClassVar[str]
+    apt_package: ClassVar[str]
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
+        self.install_failure: str | None = None  # set by install_missing_tools
 
     @abstractmethod
     def _argv(self, setup: Setup) -> list[str]:
@@ -183,7 +187,8 @@ class FuseDaemonTarget(Target):
 
     def unavailable(self) -> str | None:
         if shutil.which(self.binary) is None:
-            return f"{self.binary} not installed"
+            why = f" ({self.install_failure})" if self.install_failure else ""
+            return f"{self.binary} not installed{why}"
         if not os.path.exists("/dev/fuse"):
             return "/dev/fuse missing"
         if shutil.which("fusermount3") is None:
@@ -243,6 +248,7 @@ class FuseOverlayfsTarget(FuseDaemonTarget):
     name = "fuse-overlayfs"
     description = "fuse-overlayfs (C, FUSE)"
     binary = "fuse-overlayfs"
+    apt_package = "fuse-overlayfs"
 
     def _argv(self, setup: Setup) -> list[str]:
         opts = f"lowerdir={setup.lower},upperdir={setup.upper},workdir={setup.work}"
@@ -255,6 +261,7 @@ class UnionfsFuseTarget(FuseDaemonTarget):
     name = "unionfs-fuse"
     description = "unionfs-fuse -o cow (C, FUSE)"
     binary = "unionfs-fuse"
+    apt_package = "unionfs-fuse"
 
     def _argv(self, setup: Setup) -> list[str]:
         branches = f"{setup.upper}=RW:{setup.lower}=RO"
@@ -267,6 +274,10 @@ class AgentfsTarget(Target):
     ``agentfs mount`` daemonizes and returns when the mount is ready, so we do not own the
     daemon's pid; teardown is ``agentfs umount`` and then the generic FUSE escalation, which
     makes an orphaned daemon exit on its own (its /dev/fuse connection goes away).
+
+    ``home``, when set, becomes ``$AGENTFS_HOME`` for the CLI: it only decides where the
+    registry of stores lives (every store here is given with ``--store``), and keeps the
+    hundreds of throwaway stores of a run out of the user's registry.
     """
 
     name = "agentfs"
@@ -277,6 +288,12 @@ class AgentfsTarget(Target):
 
     def __init__(self, executable: Path | None = None) -> None:
         self.executable = executable or self.default_executable()
+        self.home: Path | None = None
+
+    def _env(self) -> dict[str, str] | None:
+        if self.home is None:
+            return None
+        return {**os.environ, "AGENTFS_HOME": str(self.home)}
 
     @staticmethod
     def default_executable() -> Path:
@@ -295,10 +312,14 @@ class AgentfsTarget(Target):
         return None
 
     def version(self) -> str | None:
-        return run_quiet([str(self.executable), "--version"])
+        try:
+            version = importlib.metadata.version("agentfs")
+        except importlib.metadata.PackageNotFoundError:
+            version = "?"
+        return f"agentfs {version} ({self.executable})"
 
     def _cli(self, *args: str | Path, setup: Setup) -> None:
-        run([self.executable, *args], timeout=MOUNT_TIMEOUT, log=setup.log)
+        run([self.executable, *args], timeout=MOUNT_TIMEOUT, log=setup.log, env=self._env())
 
     def _policy_args(self, setup: Setup) -> list[str | Path]:
         if self.policy_text is None:
@@ -323,6 +344,7 @@ class AgentfsTarget(Target):
                 [self.executable, "umount", setup.mnt],
                 timeout=MOUNT_TIMEOUT,
                 log=setup.log,
+                env=self._env(),
                 check=False,
             )
 
@@ -350,6 +372,7 @@ class AgentfsNoAuditTarget(AgentfsTarget):
 
     name = "agentfs-noaudit"
     description = "agentfs, audit log off"
+    default = False
 
     def _policy_args(self, setup: Setup) -> list[str | Path]:
         return ["--no-audit"]
@@ -361,6 +384,7 @@ class AgentfsAllowAllTarget(AgentfsTarget):
 
     name = "agentfs-allow"
     description = "agentfs, allow-all policy (no checks)"
+    default = False
     policy_text = "version: 1\nname: allow-all\ndefaults: {read: allow, write: allow}\n"
 
 
@@ -387,7 +411,45 @@ def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
         UnionfsFuseTarget(),
         AgentfsTarget(agentfs_executable),
         AgentfsPerProcessTarget(agentfs_executable),
+        AgentfsBigPolicyTarget(agentfs_executable),
         AgentfsNoAuditTarget(agentfs_executable),
         AgentfsAllowAllTarget(agentfs_executable),
-        AgentfsBigPolicyTarget(agentfs_executable),
     ]
+
+
+APT_TIMEOUT = 600.0
+
+
+def install_missing_tools(targets: list[Target], log: Path) -> list[str]:
+    """apt-get install the Debian packages of the FUSE targets whose tool is missing.
+
+    Only as root, with a timeout; a failure is not fatal: it is remembered on the target,
+    whose ``unavailable()`` then says why it is skipped. Returns what was installed.
+    """
+    daemons = [t for t in targets if isinstance(t, FuseDaemonTarget)]
+    wanted = {t.apt_package for t in daemons if shutil.which(t.binary) is None}
+    if wanted and shutil.which("fusermount3") is None:
+        wanted.add("fuse3")
+    if not wanted:
+        return []
+    packages = sorted(wanted)
+    reason: str | None = None
+    if os.geteuid() != 0:
+        reason = f"not root, so not installing; apt-get install {' '.join(packages)}"
+    elif shutil.which("apt-get") is None:
+        reason = "no apt-get to install it with"
+    else:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-q", *packages]
+        try:
+            if run(install, timeout=APT_TIMEOUT, log=log, env=env, check=False) != 0:
+                # A fresh machine may have no package lists yet: fetch them once, retry.
+                run(["apt-get", "update", "-q"], timeout=APT_TIMEOUT, log=log, env=env,
+                    check=False)
+                run(install, timeout=APT_TIMEOUT, log=log, env=env)
+        except CommandError as exc:
+            reason = f"apt-get install failed: {exc}"
+    for t in daemons:
+        if shutil.which(t.binary) is None:
+            t.install_failure = reason or f"apt-get install {t.apt_package} did not provide it"
+    return [p for p in packages if reason is None]
