@@ -1,4 +1,6 @@
-"""Test data: a cached tarball of a realistic source tree, and the git repo in the base.
+"""Test data put into the base (lower) directory before a mount: a source tree from a
+cached tarball, a committed git repo, data files for the read and append workloads, and a
+small local Python package for ``pip install``.
 
 The tree is real Python source (the interpreter's stdlib, topped up from the venv's
 site-packages) because file-size and directory-fan-out distributions matter for overlay
@@ -8,6 +10,7 @@ filesystems, and synthetic trees get them wrong.
 from __future__ import annotations
 
 import os
+import shutil
 import sysconfig
 import tarfile
 from collections.abc import Iterator
@@ -138,3 +141,78 @@ def create_base_repo(repo: Path, tarball: Path, *, timeout: float, log: Path) ->
         timeout=timeout,
         log=log,
     )
+
+
+def extract_tree(dest: Path, tarball: Path, *, timeout: float, log: Path) -> None:
+    """Unpack the source tree into ``dest`` (the base), untimed."""
+    dest.mkdir(parents=True)
+    run(["tar", "xf", tarball, "-C", dest], timeout=timeout, log=log)
+
+
+def write_random_file(path: Path, size: int) -> None:
+    """Incompressible data, so no layer can shortcut it (and no sparse files)."""
+    chunk = os.urandom(min(size, 1 << 20)) if size else b""
+    with open(path, "wb") as fh:
+        left = size
+        while left > 0:
+            n = min(left, len(chunk))
+            fh.write(chunk[:n])
+            left -= n
+
+
+def append_file_sizes(count: int) -> list[int]:
+    """Sizes of the small append targets: 64 B, 128 B, ... 512 KiB, round robin, so the
+    copy-up cost of both tiny and sizeable files is in the mix (about 75 KiB on average)."""
+    return [1 << (6 + i % 14) for i in range(count)]
+
+
+def write_text_file(path: Path, size: int) -> None:
+    """A text-like file of exactly ``size`` bytes ending in a newline."""
+    line = b"the quick brown fox jumps over the lazy dog 0123456789\n"
+    data = (line * (size // len(line) + 1))[: size - 1] + b"\n"
+    path.write_bytes(data)
+
+
+_PYPROJECT = """\
+[build-system]
+requires = []
+build-backend = "backend"
+backend-path = ["."]
+
+[project]
+name = "benchpkg"
+version = "1.0"
+"""
+
+PIP_PACKAGE = "benchpkg"  # the name bench/pip_backend.py builds
+
+
+def write_pip_package(dest: Path, modules: int) -> None:
+    """A small pure-Python package with a console script, built by its own backend."""
+    pkg = dest / "src" / PIP_PACKAGE
+    pkg.mkdir(parents=True)
+    (dest / "pyproject.toml").write_text(_PYPROJECT)
+    shutil.copyfile(Path(__file__).with_name("pip_backend.py"), dest / "backend.py")
+    imports = "\n".join(f"from {PIP_PACKAGE} import mod{i:02d}" for i in range(modules))
+    (pkg / "__init__.py").write_text(
+        f"{imports}\n\n\ndef main():\n    print(mod00.value(1))\n"
+    )
+    names = [f"f{j}" for j in range(40)]
+    for i in range(modules):
+        funcs = "\n\n".join(
+            f'def {name}(x):\n    """Step {j}."""\n    return x * {j} + {i}\n'
+            for j, name in enumerate(names)
+        )
+        (pkg / f"mod{i:02d}.py").write_text(
+            f'"""Module {i} of the benchmark package."""\n\n\n{funcs}\n\n'
+            f"def value(x):\n    return sum(f(x) for f in ({', '.join(names)}))\n"
+        )
+
+
+def python_env() -> dict[str, str]:
+    """Environment for the Python workloads: the user's, minus PYTHON* and PIP* settings
+    (bytecode suppression, extra paths, find-links, an index) that would change what the
+    command does; pip reads no config file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_"))}
+    env["PIP_CONFIG_FILE"] = os.devnull
+    return env

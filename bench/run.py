@@ -1,7 +1,10 @@
-"""Entry point: ``python -m bench.run [--quick] [--only a,b] [--repeat N] [--json F] [--markdown]``.
+"""Entry point: ``python -m bench`` (or ``python -m bench.run``); see bench/README.md.
 
-Each repeat of each target gets a brand-new base and mount, so no run inherits caches or
-copied-up files from the previous one, and "cold" really means "first access after mount".
+The loop alternates the systems: for each repetition, for each workload, every target
+gets its turn (in an order rotated from one repetition to the next), so a slow spell of
+the machine hits all of them alike. Every single measurement gets a brand-new base
+directory and a brand-new mount, so no run inherits caches, copied-up files or
+whiteouts from another.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ import argparse
 import dataclasses
 import datetime as dt
 import os
-import platform
 import shutil
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from bench.fixtures import create_base_repo, ensure_source_tarball
-from bench.report import Results, markdown_table, print_notes, print_table, write_json
+from bench.fixtures import ensure_source_tarball
+from bench.machine import agentfs_environment, machine_info, repo_state, tool_versions
+from bench.report import Results, markdown_table, notes, write_json, write_markdown
 from bench.system import (
     CacheDropper,
     CommandError,
@@ -27,24 +32,53 @@ from bench.system import (
     WatchdogExpired,
     fs_type,
     mounts_under,
-    run_quiet,
 )
-from bench.targets import Mount, Setup, Target, TargetUnavailable, all_targets
-from bench.workloads import FULL, QUICK, WORKLOADS, Context, Sizes, metrics
+from bench.targets import (
+    AgentfsTarget,
+    Mount,
+    Setup,
+    Target,
+    TargetUnavailable,
+    all_targets,
+    install_missing_tools,
+)
+from bench.workloads import (
+    FULL,
+    QUICK,
+    WORKLOAD_NAMES,
+    WORKLOADS,
+    Context,
+    Fixtures,
+    Sizes,
+    Workload,
+    metrics,
+)
 
 DEFAULT_ROOT = Path("/var/tmp/agentfs-bench")
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Benchmarks on RAM-backed filesystems measure memcpy, not a disk-backed project.
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
 def log(msg: str) -> None:
-    """Progress goes to stderr so stdout carries only the table (pipe-able into a README)."""
+    """Progress goes to stderr; stdout gets only the final table."""
     print(msg, file=sys.stderr, flush=True)
 
 
-def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
+def _split(value: str, choices: list[str], what: str, parser: argparse.ArgumentParser) -> list[str]:
+    picked = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = sorted(set(picked) - set(choices))
+    if unknown or not picked:
+        parser.error(f"unknown {what} {unknown}; choose from {','.join(choices)}")
+    # Report order is the canonical order, whatever order they were given in.
+    return [n for n in choices if n in picked]
+
+
+def parse_args(argv: list[str] | None, targets: list[Target]) -> argparse.Namespace:
+    names = [t.name for t in targets]
+    defaults = [t.name for t in targets if t.default]
     parser = argparse.ArgumentParser(
-        prog="python -m bench.run",
+        prog="python -m bench",
         description="Benchmark agentfs against a plain directory and other overlay filesystems.",
     )
     parser.add_argument(
@@ -52,15 +86,17 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--only",
-        default=",".join(names),
-        help=f"comma-separated targets to run (default: all of {','.join(names)})",
+        default=",".join(defaults),
+        help=f"comma-separated targets, or 'all' (default: {','.join(defaults)}; "
+        f"all: {','.join(names)})",
     )
     parser.add_argument(
-        "--repeat", type=int, default=None, help="runs per target (default 3, or 1 with --quick)"
+        "--workloads",
+        default=",".join(WORKLOAD_NAMES),
+        help=f"comma-separated workloads (default: all of {','.join(WORKLOAD_NAMES)})",
     )
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write results as JSON")
     parser.add_argument(
-        "--markdown", action="store_true", help="print the table as GitHub markdown"
+        "--repeat", type=int, default=None, help="repetitions (default 3, or 1 with --quick)"
     )
     parser.add_argument(
         "--root",
@@ -77,12 +113,25 @@ def parse_args(argv: list[str] | None, names: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--agentfs", type=Path, default=None, help="agentfs executable (default: the venv's)"
     )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS_DIR,
+        help=f"where the JSON and Markdown results go (default: {RESULTS_DIR})",
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not apt-get install missing fuse-overlayfs / unionfs-fuse",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the JSON here")
+    parser.add_argument(
+        "--markdown", action="store_true", help=argparse.SUPPRESS
+    )  # the table is always Markdown now; kept so old command lines work
     args = parser.parse_args(argv)
-    only = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = sorted(set(only) - set(names))
-    if unknown or not only:
-        parser.error(f"unknown target(s) {unknown}; choose from {','.join(names)}")
+    only = names if args.only.strip() == "all" else _split(args.only, names, "target(s)", parser)
     args.only = only
+    args.workloads = _split(args.workloads, list(WORKLOAD_NAMES), "workload(s)", parser)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
@@ -95,130 +144,201 @@ def _raise_exit(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def run_workloads(target: str, mount: Mount, ctx: Context, results: Results, label: str) -> None:
-    """Run every workload once on a fresh mount, keeping whatever each one measured."""
-    for workload in WORKLOADS:
-        produced: dict[str, float] = {}
+class Runner:
+    """The alternating loop and its bookkeeping."""
 
-        def record(key: str, value: float, produced: dict[str, float] = produced) -> None:
-            produced[key] = value
-            results.cell(key, target).samples.append(value)
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        targets: list[Target],
+        workloads: list[Workload],
+        fixtures: Fixtures,
+        caches: CacheDropper,
+        results: Results,
+        run_dir: Path,
+    ) -> None:
+        self.args = args
+        self.targets = targets
+        self.workloads = workloads
+        self.fixtures = fixtures
+        self.caches = caches
+        self.results = results
+        self.run_dir = run_dir
+        self.mounted_once: set[str] = set()
+        self.stopped: dict[str, str] = {}  # target -> why it gets no more turns
+        self.done = 0
+        self.total = args.repeat * len(workloads) * len(targets)
+        self.started = time.monotonic()
 
-        ctx.record = record
+    def run(self) -> None:
+        for rep in range(1, self.args.repeat + 1):
+            shift = (rep - 1) % len(self.targets)
+            order = self.targets[shift:] + self.targets[:shift]
+            for workload in self.workloads:
+                for target in order:
+                    if target.name in self.stopped:
+                        self.done += 1
+                        continue
+                    self.run_one(rep, workload, target)
+                    self.done += 1
+
+    def _stop(self, target: Target, reason: str) -> None:
+        self.stopped[target.name] = reason
+        self.results.skipped[target.name] = reason
+
+    def _progress(self) -> str:
+        elapsed = time.monotonic() - self.started
+        n = self.done + 1
+        eta = elapsed / n * (self.total - n)
+        return f"[{n}/{self.total}, {elapsed / 60:.1f} min, ~{eta / 60:.0f} min left]"
+
+    def run_one(self, rep: int, workload: Workload, target: Target) -> None:
+        label = f"rep {rep} {workload.name:<10} {target.name:<15}"
+        entry: dict[str, Any] = {
+            "rep": rep, "workload": workload.name, "target": target.name,
+            "values": {}, "error": None, "setup_s": None,
+        }
+        self.results.runs.append(entry)
+        setup = Setup.create(self.run_dir, f"{workload.name}-{target.name}")
+        t0 = time.perf_counter()
         error: str | None = None
-        if mount.broken:
-            error = "not run: the mount was aborted by an earlier timeout"
-        else:
-            budget = ctx.timeout * len(workload.produces)
-            try:
-                with Watchdog(budget, mount.abort):
-                    workload.run(ctx)
-            except WatchdogExpired as exc:
-                mount.broken = True
-                error = str(exc)
-            except (OSError, CommandError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        if error is not None:
-            for key in workload.produces:
-                if key not in produced:
-                    results.cell(key, target).errors.append(error)
-        shown = " ".join(f"{k}={v:.3f}" for k, v in produced.items())
-        log(f"  {label} {workload.name}: {shown}" + (f"  [{error}]" if error else ""))
-
-
-def _remove_setup(setup: Setup) -> None:
-    """Delete a setup dir, but never through something still mounted."""
-    live = mounts_under(setup.dir)
-    if live:
-        log(f"warning: still mounted, keeping {setup.dir}: {live}")
-        return
-    shutil.rmtree(setup.dir, ignore_errors=True)
-
-
-def bench_target(
-    target: Target,
-    args: argparse.Namespace,
-    run_dir: Path,
-    tarball: Path,
-    sizes: Sizes,
-    caches: CacheDropper,
-    results: Results,
-) -> None:
-    """All repeats of one target; a target that cannot even mount is reported as skipped."""
-    for rep in range(1, args.repeat + 1):
-        label = f"[{target.name} {rep}/{args.repeat}]"
-        setup = Setup.create(run_dir, target.name)
         try:
-            create_base_repo(setup.lower / "repo", tarball, timeout=args.timeout, log=setup.log)
+            try:
+                workload.prepare(setup.lower, self.fixtures, setup.log)
+            except (OSError, CommandError) as exc:
+                raise CommandError(f"preparing the base failed: {exc}") from exc
             with target.mounted(setup) as mount:
-                log(f"{label} mounted at {mount.root}")
-                ctx = Context(
-                    root=mount.root,
-                    repo=mount.root / "repo",
-                    tarball=tarball,
-                    sizes=sizes,
-                    caches=caches,
-                    timeout=args.timeout,
-                    record=lambda _k, _v: None,
-                )
-                run_workloads(target.name, mount, ctx, results, label)
+                self.mounted_once.add(target.name)
+                entry["setup_s"] = round(time.perf_counter() - t0, 3)
+                error = self._measure(workload, target, mount, entry["values"])
         except TargetUnavailable as exc:
-            if rep == 1:
-                results.skipped[target.name] = str(exc)
-                log(f"{label} skipped: {exc}")
+            if target.name not in self.mounted_once:
+                self._stop(target, str(exc))
+                log(f"{self._progress()} {label} skipped from now on: {exc}")
                 return
-            for metric in results.metrics:
-                results.cell(metric.key, target.name).errors.append(str(exc))
-            log(f"{label} failed: {exc}")
-        except CommandError as exc:  # base repo creation
-            results.skipped[target.name] = f"setup failed: {exc}"
-            log(f"{label} setup failed: {exc}")
-            return
+            error = str(exc)
+        except CommandError as exc:
+            error = str(exc)
         finally:
-            _remove_setup(setup)
+            live = mounts_under(setup.dir)
+            if live:
+                self._stop(target, f"stopped: a mount was left behind at {live}")
+                log(f"warning: still mounted, keeping {setup.dir}: {live}")
+            else:
+                shutil.rmtree(setup.dir, ignore_errors=True)
+        if error is not None:
+            entry["error"] = error
+            for key in workload.produces:
+                if key not in entry["values"]:
+                    self.results.cell(key, target.name).errors.append(error)
+        shown = " ".join(f"{k}={v:.3f}" for k, v in entry["values"].items())
+        setup_s = f"(setup {entry['setup_s']:.1f} s)" if entry["setup_s"] is not None else ""
+        log(f"{self._progress()} {label} {shown} {setup_s}" + (f" [{error}]" if error else ""))
+
+    def _measure(
+        self, workload: Workload, target: Target, mount: Mount, produced: dict[str, float]
+    ) -> str | None:
+        """Run one workload on a ready mount; returns an error message or None."""
+
+        def record(key: str, value: float) -> None:
+            produced[key] = value
+            self.results.cell(key, target.name).samples.append(value)
+
+        ctx = Context(
+            root=mount.root,
+            sizes=self.fixtures.sizes,
+            tarball=self.fixtures.tarball,
+            caches=self.caches,
+            timeout=self.args.timeout,
+            record=record,
+        )
+        budget = self.args.timeout * (len(workload.produces) + 1)
+        try:
+            with Watchdog(budget, mount.abort):
+                # Untimed: write back what preparing the base and mounting left dirty, so
+                # it does not land in the middle of the measurement.
+                os.sync()
+                workload.run(ctx)
+        except WatchdogExpired as exc:
+            mount.broken = True
+            return str(exc)
+        except (OSError, CommandError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def collect_meta(
     args: argparse.Namespace,
+    argv: list[str],
     sizes: Sizes,
     targets: list[Target],
     caches: CacheDropper,
     tree_files: int,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Enough context to tell whether two result files are comparable."""
-    mem_kib = None
-    try:
-        with open("/proc/meminfo") as fh:
-            mem_kib = int(fh.readline().split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
+    versions: dict[str, str | None] = tool_versions()
+    for t in targets:
+        v = t.version()
+        if v is not None and v not in versions.values():
+            versions[t.name] = v
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "mem_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
-        "root": str(args.root),
-        "root_fs": fs_type(args.root),
+        "command": " ".join(["python -m bench", *argv]),
         "quick": args.quick,
         "repeat": args.repeat,
+        "timeout_s": args.timeout,
+        "workloads": args.workloads,
+        "targets": {t.name: t.description for t in targets},
         "sizes": dataclasses.asdict(sizes),
         "tree_files": tree_files,
         "caches_dropped": caches.available,
-        "versions": {
-            "git": run_quiet(["git", "--version"]),
-            **{t.name: t.version() for t in targets},
-        },
+        "order": "for each repetition, for each workload, every target in turn "
+        "(target order rotated by one each repetition); fresh base + mount per run",
+        "machine": machine_info(args.root),
+        "versions": versions,
+        "repo": repo_state(),
+        "agentfs_env": agentfs_environment(),
+        "loadavg": {"start": _loadavg()},
     }
 
 
+def write_results(results: Results, args: argparse.Namespace, final: bool) -> list[Path]:
+    """Timestamped JSON + Markdown; also ``latest.*`` when ``final`` (see ``main``)."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    suffix = "-quick" if args.quick else ""
+    out: list[Path] = []
+    names = [f"{stamp}{suffix}"]
+    if final:
+        names.append("latest")
+    for name in names:
+        json_path = args.results_dir / f"{name}.json"
+        md_path = args.results_dir / f"{name}.md"
+        write_json(results, json_path)
+        write_markdown(results, md_path)
+        out += [json_path, md_path]
+    if args.json is not None:
+        write_json(results, args.json)
+        out.append(args.json)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     candidates = all_targets()
-    args = parse_args(argv, [t.name for t in candidates])
+    args = parse_args(argv, candidates)
     if args.agentfs is not None:
         candidates = all_targets(args.agentfs)
     targets = [t for t in candidates if t.name in args.only]
+    workloads = [w for w in WORKLOADS if w.name in args.workloads]
     sizes = QUICK if args.quick else FULL
+    started = time.monotonic()
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise_exit)
@@ -229,28 +349,50 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warning: {args.root} is on {root_fs}; numbers will not reflect a disk")
     caches = CacheDropper()
     if not caches.available:
-        log("note: cannot write /proc/sys/vm/drop_caches (not root?); cold rows will be n/a")
+        log("note: cannot write /proc/sys/vm/drop_caches (not root?); "
+            "the 1st git status and 1st read run with warm caches")
+
+    if not args.no_install:
+        installed = install_missing_tools(targets, args.root / "apt-install.log")
+        if installed:
+            log(f"installed {' '.join(installed)}")
 
     tar_name = "src-quick.tar" if args.quick else "src.tar"
     tarball, tree_files = ensure_source_tarball(args.root, sizes.tree_files, tar_name)
     log(f"source tree: {tarball} ({tree_files} files)")
 
     results = Results(
-        metrics=metrics(sizes, tree_files),
+        metrics=[m for m in metrics(sizes, tree_files)
+                 if any(m.key in w.produces for w in workloads)],
         targets=[],
-        meta=collect_meta(args, sizes, targets, caches, tree_files),
+        meta=collect_meta(args, argv, sizes, targets, caches, tree_files),
     )
+    runnable: list[Target] = []
+    for target in targets:
+        reason = target.unavailable()
+        if reason:
+            results.skipped[target.name] = reason
+            log(f"[{target.name}] skipped: {reason}")
+        else:
+            runnable.append(target)
+
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=args.root))
+    for target in runnable:
+        if isinstance(target, AgentfsTarget):
+            target.home = run_dir / "agentfs-home"
+    fixtures = Fixtures(tarball=tarball, tree_files=tree_files, sizes=sizes,
+                        timeout=args.timeout)
+    runner = Runner(args, runnable, workloads, fixtures, caches, results, run_dir)
+    interrupted = False
+    leftovers: list[str] = []
     try:
-        for target in targets:
-            reason = target.unavailable()
-            if reason:
-                results.skipped[target.name] = reason
-                log(f"[{target.name}] skipped: {reason}")
-                continue
-            bench_target(target, args, run_dir, tarball, sizes, caches, results)
-            if target.name not in results.skipped:
-                results.targets.append(target.name)
+        if runnable:
+            log(f"{runner.total} runs: {args.repeat} x {len(workloads)} workloads x "
+                f"{len(runnable)} targets")
+            runner.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: writing what was measured so far (not as latest)")
     finally:
         leftovers = mounts_under(args.root)
         if leftovers:
@@ -258,18 +400,34 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    if not results.targets:
-        log("no target could be benchmarked")
-    elif args.markdown:
+    results.targets = [t.name for t in runnable if t.name in runner.mounted_once]
+    results.meta["loadavg"]["end"] = _loadavg()
+    results.meta["duration_s"] = round(time.monotonic() - started, 1)
+    results.meta["interrupted"] = interrupted
+    # latest.* is the last complete, full-size run of (at least) the default comparison:
+    # a smoke run or a run of a few rows must not replace it.
+    covers_default = {t.name for t in candidates if t.default} <= set(args.only)
+    latest = (
+        not interrupted
+        and not leftovers
+        and bool(results.targets)
+        and not args.quick
+        and covers_default
+        and len(workloads) == len(WORKLOADS)
+    )
+    results.meta["latest"] = latest
+    if results.targets:
+        for path in write_results(results, args, final=latest):
+            log(f"wrote {path}")
         print(markdown_table(results))
     else:
-        print_table(results, sys.stdout)
-    print_notes(results, sys.stderr)
-    if args.json is not None:
-        write_json(results, args.json)
-        log(f"wrote {args.json}")
+        log("no target could be benchmarked")
+    for line in notes(results):
+        log(line)
     if leftovers:
         return 2
+    if interrupted:
+        return 130
     return 0 if results.targets else 1
 
 

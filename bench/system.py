@@ -11,7 +11,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -113,8 +113,10 @@ def timed_command(
     timeout: float,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    ok: Collection[int] = (0,),
 ) -> float:
-    """Time one command whose stdout is discarded; a non-zero exit is an error, not a sample."""
+    """Time one command whose stdout is discarded; an exit status outside ``ok`` is an
+    error, not a sample (``grep`` exits 1 when nothing matched, which is a success)."""
     argv = [os.fspath(c) for c in cmd]
     start = time.perf_counter()
     try:
@@ -131,7 +133,7 @@ def timed_command(
     except subprocess.TimeoutExpired as exc:
         raise CommandError(f"{argv[0]} timed out after {timeout:.0f}s") from exc
     elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         err = _tail(proc.stderr.decode(errors="replace"), 3)
         raise CommandError(f"{_short(argv)} exited {proc.returncode}: {err}")
     return elapsed
