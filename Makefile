@@ -3,6 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 # mounted tests mostly wait for daemons and subprocesses: run them side by side
 PYTEST_JOBS ?= auto
 
@@ -23,13 +24,13 @@ test: lint
 stress: setup
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# make bench: every workload on every default target, 3 alternating repetitions; writes
+# bench/results/latest.{json,md} (the harness apt-installs fuse-overlayfs/unionfs-fuse).
 bench: setup
-	EXTRA_APT="fuse-overlayfs unionfs-fuse git" scripts/setup.sh
-	$(PY) -m bench.run --markdown
+	$(PY) -m bench $(BENCH_ARGS)
 
 bench-quick: setup
-	EXTRA_APT="fuse-overlayfs unionfs-fuse git" scripts/setup.sh
-	$(PY) -m bench.run --quick
+	$(PY) -m bench --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
