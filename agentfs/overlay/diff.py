@@ -12,8 +12,10 @@ so a deleted path and an added path with the same inode are one rename.
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from agentfs.overlay.hostio import join
 from agentfs.overlay.resolve import Loc, Resolver
@@ -33,8 +35,17 @@ class Entry:
     uid: int
     gid: int
     size: int
-    ino: int
     loc: Loc = field(compare=False, repr=False)
+    path: str = field(default="", compare=False, repr=False)
+    st: os.stat_result | None = field(default=None, compare=False, repr=False)
+    resolver: Resolver | None = field(default=None, compare=False, repr=False)
+
+    @cached_property
+    def ino(self) -> int:
+        """The overlay inode (only rename pairing needs it; for an object in a layer it
+        costs a getxattr, so it is looked up when asked for)."""
+        assert self.resolver is not None and self.st is not None
+        return self.resolver.ino_of(self.path, self.loc, self.st)
 
 
 @dataclass
@@ -73,7 +84,7 @@ class ViewReader:
             return None
         st = loc.host.lstat(loc.rel)
         return Entry(_KIND.get(stat.S_IFMT(st.st_mode), "other"), st.st_mode, st.st_uid,
-                     st.st_gid, st.st_size, self.resolver.ino_of(path, loc, st), loc)
+                     st.st_gid, st.st_size, loc, path, st, self.resolver)
 
     def names(self, path: str) -> list[str]:
         loc = self.resolver.locate(path)
@@ -89,8 +100,6 @@ class ViewReader:
         return sorted(n for n in seen if self.resolver.locate(join(path, n)) is not None)
 
     def read(self, entry: Entry) -> bytes:
-        import os
-
         fd = entry.loc.host.open_quiet(entry.loc.rel, os.O_RDONLY)
         try:
             chunks = []
@@ -147,12 +156,51 @@ def _sources(view: ViewReader, loc: Loc) -> list[tuple[int, str]]:
     return [(id(view.resolver.layers[i].tree), rel) for i, rel in loc.parts]
 
 
+def _own_layers(new: ViewReader, old: ViewReader) -> int | None:
+    """How many layers the branch view has on top of the fork view's (None: the fork
+    view is not the branch view's lower part, or a top layer holds hard-linked
+    copy-ups, which can change names its tree does not list)."""
+    top = len(new.resolver.layers) - len(old.resolver.layers)
+    if top < 0 or any(a is not b for a, b in zip(new.resolver.layers[top:],
+                                                 old.resolver.layers, strict=True)):
+        return None
+    if any(layer.indexed for layer in new.resolver.layers[:top]):
+        return None
+    return top
+
+
+def _candidates(new: ViewReader, old: ViewReader, path: str) -> set[str] | None:
+    """The names of directory *path* that can differ between the views: those the
+    branch's own layers list there, when below them the directory is merged from the
+    same layer directories as in the fork view (every other name falls through to
+    exactly what the fork view shows).  None: compare every name."""
+    top = _own_layers(new, old)
+    a, b = new.resolver.locate(path), old.resolver.locate(path)
+    if top is None or a is None or b is None or not a.is_dir or not b.is_dir:
+        return None
+    own = [(i, rel) for i, rel in a.parts if i < top]
+    if [(id(new.resolver.layers[i].tree), rel) for i, rel in a.parts if i >= top] != \
+            _sources(old, b):
+        return None
+    names: set[str] = set()
+    for i, rel in own:
+        try:
+            names.update(e.name for e in new.resolver.layers[i].tree.listdir(rel))
+        except FileNotFoundError:
+            continue
+    return names
+
+
 def _walk_dir(new: ViewReader, old: ViewReader, path: str, out: list[Change]) -> None:
     if path and _unchanged_subtree(new, old, path):
         return
-    new_names, old_names = new.names(path), old.names(path)
-    for name in sorted(set(new_names) | set(old_names)):
+    names = _candidates(new, old, path)
+    if names is None:
+        names = set(new.names(path)) | set(old.names(path))
+    for name in sorted(names):
         child = join(path, name)
+        if _same_source(new.resolver.locate(child), old.resolver.locate(child)):
+            continue  # the very object the fork point shows: nothing to compare
         a, b = old.entry(child), new.entry(child)
         if a is None and b is not None:
             _added(new, child, b, out)
@@ -190,6 +238,12 @@ def _below(view: ViewReader, path: str, status: str, out: list[Change]) -> None:
 
 def _same_object(a: Entry, b: Entry) -> bool:
     return a.loc.host is b.loc.host and a.loc.rel == b.loc.rel
+
+
+def _same_source(a: Loc | None, b: Loc | None) -> bool:
+    """Both views show one non-directory object (directories are walked instead)."""
+    return (a is not None and b is not None and not a.is_dir and not b.is_dir
+            and a.host is b.host and a.rel == b.rel)
 
 
 def _compare(new: ViewReader, old: ViewReader, path: str, a: Entry, b: Entry,
