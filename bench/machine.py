@@ -3,6 +3,7 @@ be compared (or not): hardware, kernel, filesystem, distro, tool versions, the c
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -80,11 +81,15 @@ def repo_state() -> dict[str, Any]:
     installed editable, so uncommitted changes are part of what was measured)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     changed = [line for line in status.splitlines() if line.strip()] if status else []
+    diff = _git("diff", "HEAD", "--", "agentfs") or ""
     return {
         "commit": _git("rev-parse", "HEAD"),
         "describe": _git("log", "-1", "--format=%h %s"),
         "dirty": bool(changed),
         "modified": [line[3:] for line in changed][:50],
+        # Identifies the agentfs code that ran, uncommitted edits included: if it differs
+        # between the start and the end of a run, the code changed while it was measured.
+        "agentfs_diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
     }
 
 

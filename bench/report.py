@@ -165,6 +165,12 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
     v = meta.get("versions", {})
     repo = meta.get("repo", {})
     dirty = " (with uncommitted changes)" if repo.get("dirty") else ""
+    end = meta.get("repo_end")
+    if end and (end.get("commit"), end.get("agentfs_diff_sha256")) != (
+        repo.get("commit"), repo.get("agentfs_diff_sha256")
+    ):
+        dirty += "; **the agentfs code changed during the run** (at the end: "
+        dirty += f"{end.get('describe')})"
     load = meta.get("loadavg", {})
     lines = [
         f"- date: {meta.get('date')}, duration {meta.get('duration_s', 0) / 60:.1f} min; "

@@ -383,15 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     fixtures = Fixtures(tarball=tarball, tree_files=tree_files, sizes=sizes,
                         timeout=args.timeout)
     runner = Runner(args, runnable, workloads, fixtures, caches, results, run_dir)
-    interrupted = False
+    interrupted: int | None = None  # the exit status to pass on, when interrupted
     leftovers: list[str] = []
     try:
         if runnable:
             log(f"{runner.total} runs: {args.repeat} x {len(workloads)} workloads x "
                 f"{len(runnable)} targets")
             runner.run()
-    except KeyboardInterrupt:
-        interrupted = True
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C, SIGTERM, SIGHUP
+        code = exc.code if isinstance(exc, SystemExit) else None
+        interrupted = code if isinstance(code, int) and code else 130
         log("interrupted: writing what was measured so far (not as latest)")
     finally:
         leftovers = mounts_under(args.root)
@@ -402,13 +403,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results.targets = [t.name for t in runnable if t.name in runner.mounted_once]
     results.meta["loadavg"]["end"] = _loadavg()
+    results.meta["repo_end"] = repo_state()
     results.meta["duration_s"] = round(time.monotonic() - started, 1)
-    results.meta["interrupted"] = interrupted
+    results.meta["interrupted"] = interrupted is not None
     # latest.* is the last complete, full-size run of (at least) the default comparison:
     # a smoke run or a run of a few rows must not replace it.
     covers_default = {t.name for t in candidates if t.default} <= set(args.only)
     latest = (
-        not interrupted
+        interrupted is None
         and not leftovers
         and bool(results.targets)
         and not args.quick
@@ -426,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         log(line)
     if leftovers:
         return 2
-    if interrupted:
-        return 130
+    if interrupted is not None:
+        return interrupted
     return 0 if results.targets else 1
 
 
