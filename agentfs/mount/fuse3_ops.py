@@ -327,9 +327,10 @@ class AgentfsOperations(pyfuse3.Operations):
         self.gate.wrote(fh, n)
         return n
 
-    @_boundary
     async def flush(self, fh: int) -> None:
-        return None  # data goes straight to the host file; nothing is buffered here
+        """Data goes straight to the host file, so there is nothing to flush: ENOSYS
+        tells the kernel never to send FLUSH again (one request less per close)."""
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:

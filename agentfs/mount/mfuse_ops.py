@@ -339,7 +339,8 @@ class MfuseOperations(mfusepy.Operations):
 
     @_boundary
     def flush(self, path: str | None, fh: int) -> int:
-        return 0  # data goes straight to the host file; nothing is buffered here
+        # data goes straight to the host file: ENOSYS stops the kernel sending FLUSH
+        return -errno.ENOSYS
 
     @_boundary
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:

@@ -230,10 +230,8 @@ class PerProcessOperations(pyfuse3.Operations):
         ops, local = self._by_fh(fh)
         return await ops.write(local, off, buf)
 
-    @_boundary
     async def flush(self, fh: int) -> None:
-        ops, local = self._by_fh(fh)
-        await ops.flush(local)
+        raise pyfuse3.FUSEError(errno.ENOSYS)  # see AgentfsOperations.flush
 
     @_boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
