@@ -265,6 +265,9 @@ class Session:
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = header(buf)
             handler = table[opcode] if opcode < limit else None
             if handler is None:
+                if self.debug:
+                    log.debug("-> %s #%d node %d: ENOSYS", p.OPCODE_NAMES.get(opcode, opcode),
+                              unique, nodeid)
                 reply: bytes | list[Any] | None = (None if opcode in no_reply else
                                                    err(16, -errno.ENOSYS, unique))
             else:
