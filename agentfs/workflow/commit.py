@@ -2,13 +2,14 @@
 
 The plan (every remove, mkdir, place and metadata change) is written to SQLite with
 synchronous=FULL before the base is touched.  New content is staged next to its
-target (temp file, fsync) during *preparing*; then the phases *removing* (old
-versions move out of the base into a snapshot layer), *placing* (rename(2) of the
-staged files into place) and *finishing* (directory metadata, whiteouts in the
-snapshot) run.  Every step of a phase is idempotent, so after a SIGKILL the next
-command that opens the store re-runs the phase it finds and completes the commit
-(or, if it died while preparing, deletes the staged files): each path ends either
-fully old or fully new.
+target (temp files, made durable together by one syncfs per filesystem) during
+*preparing*; then the phases *removing* (old versions move out of the base into a
+snapshot layer), *placing* (rename(2) of the staged files into place) and
+*finishing* (directory metadata, whiteouts in the snapshot) run; the last step marks
+the commit done and rebases the branches in one transaction.  Every step of a phase
+is idempotent, so after a SIGKILL the next command that opens the store re-runs the
+phase it finds and completes the commit (or, if it died while preparing, deletes the
+staged files): each path ends either fully old or fully new.
 
 Nothing is lost: what the commit replaces or deletes is moved into a snapshot
 layer; branches that sat on the base are re-parented onto it, so they keep seeing
