@@ -385,10 +385,13 @@ def _apply_phases(store: Store, commit_id: int, crash: Callable[[], None],
                 if progress:
                     progress(total + done, total * 2)
             nxt = _PHASES.index(phase) + 1
-            if nxt < len(_PHASES):
-                _set_state(store, commit_id, _PHASES[nxt])
-            else:
+            if nxt == len(_PHASES):
                 _finish(store, commit_id)
+            elif _PHASES[nxt] != "finishing":
+                _set_state(store, commit_id, _PHASES[nxt])
+            # else: no durable "finishing" (a journal fsync less): placing is a no-op
+            # once done (mkdir and whiteout only what is missing, rename only a staged
+            # file still there), so recovery from "placing" simply runs both again
             crash()
     finally:
         base.close()
