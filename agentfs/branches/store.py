@@ -350,6 +350,7 @@ class Store:
         return row
 
     def _branch_info(self, s: Session, row: BranchRow) -> BranchInfo:
+        s.flush()  # the query below bypasses the ORM: it must see pending layer changes
         stack, snapshots = self._stack(s.connection().exec_driver_sql, row.top_layer_id)
         parent = s.get(BranchRow, row.parent_branch_id) if row.parent_branch_id else None
         return BranchInfo(id=row.id, name=row.name, parent=parent.name if parent else None,
