@@ -25,7 +25,9 @@ import pytest
 VENV_BIN = Path(sys.executable).parent
 AGENTFS = str(VENV_BIN / "agentfs")
 CMD_TIMEOUT = 60
-IMPLS = ("pyfuse3", "mfusepy")  # the FUSE front ends every mounted suite runs against
+IMPLS = ("pyfuse3", "mfusepy", "kernel")  # the FUSE front ends every mounted suite runs against
+# the front end of pinned mounts a test does not choose itself
+DEFAULT_IMPL = os.environ.get("AGENTFS_FUSE_IMPL") or "pyfuse3"
 
 
 def fuse_problem() -> str | None:
@@ -108,7 +110,7 @@ class MountedBranch:
     env: dict[str, str]
     pid: int | None = None
     mount_opts: tuple[str, ...] = ()
-    impl: str = "pyfuse3"
+    impl: str = DEFAULT_IMPL
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return run_cli("--store", str(self.store), *args, env=self.env, check=check)
@@ -149,7 +151,7 @@ def mounted_branch(base: Path, workdir: Path, branch: str = "test", init: bool =
                    store: Path | None = None,
                    env: dict[str, str] | None = None,
                    mount_opts: tuple[str, ...] = (),
-                   impl: str = "pyfuse3") -> Iterator[MountedBranch]:
+                   impl: str = DEFAULT_IMPL) -> Iterator[MountedBranch]:
     """Init a store for *base* (unless given), create *branch*, mount it; always clean up."""
     require_fuse()
     mnt = workdir / "mnt"
@@ -194,7 +196,7 @@ def per_process_mount(base: Path, workdir: Path, *mount_opts: str,
     pid = None
     try:
         out = run_cli("--store", str(store), "mount", str(mnt), "--per-process",
-                      *mount_opts, env=env).stdout
+                      "--impl", "pyfuse3", *mount_opts, env=env).stdout  # the only one
         found = re.search(r"pid (\d+)", out)
         assert found is not None, out
         pid = int(found.group(1))

@@ -43,7 +43,8 @@ def make_mount_target(impl: str = "pyfuse3") -> tuple[FsFacade, str, Callable[[]
 
 MountModelMachine = make_overlay_machine(make_mount_target)
 MACHINES = {"pyfuse3": MountModelMachine,
-            "mfusepy": make_overlay_machine(lambda: make_mount_target("mfusepy"))}
+            "mfusepy": make_overlay_machine(lambda: make_mount_target("mfusepy")),
+            "kernel": make_overlay_machine(lambda: make_mount_target("kernel"))}
 
 
 @pytest.mark.parametrize("impl", IMPLS)

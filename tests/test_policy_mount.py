@@ -73,17 +73,17 @@ class View:
         return run_cli("--store", str(self.store), *args, env=self.env, check=check)
 
 
-@pytest.fixture(params=["pinned", "per-process", "pinned-mfusepy"])
+@pytest.fixture(params=["pinned", "per-process", "pinned-mfusepy", "pinned-kernel"])
 def view(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[View]:
-    """Both mount modes of the pyfuse3 front end, and the mfusepy front end (pinned:
-    the only mode it has)."""
+    """Both mount modes of the pyfuse3 front end, and the mfusepy and kernel front ends
+    (pinned: the only mode they have)."""
     require_fuse()
     base = tmp_path / "base"
     make_base(base)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     if request.param.startswith("pinned"):
-        impl = "mfusepy" if request.param.endswith("mfusepy") else "pyfuse3"
+        impl = request.param.partition("-")[2] or "pyfuse3"
         with mounted_branch(base, tmp_path, "b", mount_opts=("--policy", str(policy)),
                             impl=impl) as mb:
             yield View(mb.mountpoint, policy, mb.store, mb.env, mb.mountpoint)
