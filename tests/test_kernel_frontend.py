@@ -1,0 +1,106 @@
+"""What only the kernel front end (`--impl kernel`) has: cached directory listings that
+the daemon invalidates when it changes a directory on its own (trash restore), the
+xattr size probe, fallocate and copy_file_range on the handle, SIGTERM unmounting, and
+the refusal of per-process views.  Everything else runs in the shared mounted suites."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from mountutil import is_mounted, mounted_branch, per_process_mount, run_cli
+
+from agentfs.mount.kernel import proto
+
+pytestmark = pytest.mark.mount
+
+
+def test_message_layouts_match_linux_fuse_h() -> None:
+    sizes = {proto.IN_HEADER: 40, proto.OUT_HEADER: 16, proto.SETATTR_IN: 88,
+             proto.READ_IN: 40, proto.WRITE_IN: 40, proto.ENTRY_OUT: 16 + 128,
+             proto.ATTR_OUT: 16 + 104, proto.CREATE_OUT: 16 + 128 + 16,
+             proto.STATFS_OUT: 16 + 80, proto.INIT_OUT: 16 + 64, proto.DIRENT: 24,
+             proto.DIRENTPLUS: 128 + 24, proto.COPY_FILE_RANGE_IN: 56}
+    assert {s.format: s.size for s in sizes} == {s.format: n for s, n in sizes.items()}
+
+
+def test_cached_listing_shows_what_a_restore_brings_back(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    (base / "d/a").write_text("a\n")
+    (base / "d/b").write_text("b\n")
+    with mounted_branch(base, tmp_path, "b", impl="kernel") as mb:
+        d = mb.mountpoint / "d"
+        assert sorted(os.listdir(d)) == ["a", "b"]
+        assert sorted(os.listdir(d)) == ["a", "b"]   # now from the kernel's cache
+        (d / "a").unlink()
+        assert sorted(os.listdir(d)) == ["b"]        # the kernel dropped it itself
+        [item] = json.loads(mb.cli("trash", "list", "--json").stdout)
+        mb.cli("trash", "restore", item["id"])       # the daemon changes d on its own
+        deadline = time.monotonic() + 2  # the notification is written by another thread
+        while sorted(os.listdir(d)) != ["a", "b"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(os.listdir(d)) == ["a", "b"]
+        assert (d / "a").read_text() == "a\n"
+
+
+def test_xattr_probes_fallocate_copy_file_range(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    with mounted_branch(base, tmp_path, "b", impl="kernel") as mb:
+        f = str(mb.mountpoint / "f")
+        Path(f).write_bytes(b"x")
+        os.setxattr(f, "user.v", b"12345")
+        os.setxattr(f, "user.w", b"")
+        assert os.getxattr(f, "user.v") == b"12345"       # size probe, then the value
+        assert os.getxattr(f, "user.w") == b""
+        assert sorted(os.listxattr(f)) == ["user.v", "user.w"]
+        with pytest.raises(OSError) as info:
+            os.getxattr(f, "user.none")
+        assert info.value.errno == errno.ENODATA
+        fd = os.open(f, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, 1 << 20)
+            assert os.fstat(fd).st_size == 1 << 20
+            os.pwrite(fd, b"hello", 0)
+            os.fsync(fd)
+            out = os.open(str(mb.mountpoint / "g"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                assert os.copy_file_range(fd, out, 5, 0, 0) == 5
+                assert os.pread(out, 5, 0) == b"hello"
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+
+
+def test_sigterm_unmounts(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    with mounted_branch(base, tmp_path, "b", impl="kernel") as mb:
+        assert mb.pid is not None
+        os.kill(mb.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while is_mounted(str(mb.mountpoint)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_mounted(str(mb.mountpoint))
+        logs = "".join(p.read_text() for p in (mb.store / "run").glob("mount-*.log"))
+        assert "(pinned, kernel)" in logs and "unmounted" in logs
+
+
+def test_per_process_views_are_refused(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.mkdir()
+    with per_process_mount(base, tmp_path / "pp", "--default-branch", "b") as pp:
+        mnt = tmp_path / "mnt2"
+        mnt.mkdir()
+        res = run_cli("--store", str(pp.store), "mount", str(mnt), "--per-process",
+                      "--impl", "kernel", env=pp.env, check=False)
+        assert res.returncode == 1
+        assert "per-process views need the pyfuse3 front end" in res.stderr
+        assert not is_mounted(str(mnt))
