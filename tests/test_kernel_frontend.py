@@ -8,7 +8,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
+import stat
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,3 +108,36 @@ def test_per_process_views_are_refused(tmp_path: Path) -> None:
         assert res.returncode == 1
         assert "per-process views need the pyfuse3 front end" in res.stderr
         assert not is_mounted(str(mnt))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (writes as another user)")
+def test_writes_by_other_users_drop_set_uid(tmp_path: Path) -> None:
+    """HANDLE_KILLPRIV_V2: the kernel leaves set-uid/set-gid to us on write, truncate and
+    O_TRUNC by a caller without CAP_FSETID (set-gid only when group-executable), and
+    the mode it caches must follow."""
+    world = Path(tempfile.mkdtemp(prefix="agentfs-killpriv-", dir="/dev/shm"
+                                  if os.path.isdir("/dev/shm") else None))
+    try:
+        world.chmod(0o755)
+        (world / "base").mkdir()
+        with mounted_branch(world / "base", world, "b", impl="kernel") as mb:
+            mb.mountpoint.chmod(0o755)
+            f = mb.mountpoint / "s"
+            f.write_text("x")
+
+            def as_nobody(script: str, mode: int) -> int:
+                f.chmod(mode)
+                subprocess.run(["sh", "-c", script, "sh", str(f)], user=65534, group=65534,
+                               extra_groups=[], check=True, timeout=30)
+                return stat.S_IMODE(f.stat().st_mode)
+
+            assert as_nobody('echo more >> "$1"', 0o6777) == 0o777
+            assert as_nobody(': > "$1"', 0o6777) == 0o777
+            assert as_nobody('truncate -s 1 "$1"', 0o6777) == 0o777
+            assert as_nobody('echo more >> "$1"', 0o6767) == 0o2767
+            f.chmod(0o6777)
+            with open(f, "a") as out:   # root keeps them (CAP_FSETID)
+                out.write("root\n")
+            assert stat.S_IMODE(f.stat().st_mode) == 0o6777
+    finally:
+        shutil.rmtree(world, ignore_errors=True)

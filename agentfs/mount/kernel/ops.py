@@ -500,7 +500,7 @@ class KernelOperations:
             fh = self.ov.open(path, flags)
             self.gate.opened(fh, path, pid, uid)
             if open_flags & p.OPEN_KILL_SUIDGID and self._killpriv_v2:
-                self._kill_suid_fh(fh)
+                self._kill_suid_fh(fh, nodeid)
             return p.OPEN_OUT.pack(32, 0, unique, fh, p.FOPEN_KEEP_CACHE, 0)
 
         ops = open_ops(flags)
@@ -509,10 +509,15 @@ class KernelOperations:
         return self._go(self.gate.check_object(pid, uid, ops, path, "open"), path, unique,
                         pid, then)
 
-    def _kill_suid_fh(self, fh: int) -> None:
+    def _kill_suid_fh(self, fh: int, nodeid: int) -> None:
+        """A write or O_TRUNC by a caller without CAP_FSETID (HANDLE_KILLPRIV_V2): drop
+        set-uid/set-gid, and make the kernel forget the mode it caches (neither reply
+        carries attributes)."""
         killed = _kill_suid(self.ov.fh_attr(fh).mode)
         if killed is not None:
             self.ov.setattr(None, mode=killed, fh=fh)
+            if self.session is not None:
+                self.session.drop_attributes_now(nodeid)
 
     def create(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
         flags, mode, _, _ = p.CREATE_IN.unpack_from(self.buf, 40)
@@ -545,7 +550,7 @@ class KernelOperations:
         written = self.ov.write(fh, offset, self.mv[80:80 + size])  # type: ignore[arg-type]
         self.gate.wrote(fh, written)
         if write_flags & p.WRITE_KILL_SUIDGID and self._killpriv_v2:
-            self._kill_suid_fh(fh)
+            self._kill_suid_fh(fh, nodeid)
         return p.WRITE_OUT.pack(24, 0, unique, written, 0)
 
     def fsync(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:

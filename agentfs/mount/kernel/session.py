@@ -192,6 +192,17 @@ class Session:
                                                       p.NOTIFY_INVAL_INODE, 0, ino, offset,
                                                       length))
 
+    def drop_attributes_now(self, ino: int) -> None:
+        """The kernel forgets *ino*'s cached attributes before the reply that follows
+        (offset -1: no pages, so no lock a pending request could hold is taken; safe
+        on the loop's thread)."""
+        try:
+            os.write(self.fd, p.NOTIFY_INVAL_INODE_OUT.pack(
+                p.NOTIFY_INVAL_INODE_OUT.size, p.NOTIFY_INVAL_INODE, 0, ino, -1, 0))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("FUSE notification failed: %s", exc)
+
     def _notify_loop(self) -> None:
         while True:
             message = self._notes.get()
