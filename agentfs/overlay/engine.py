@@ -94,7 +94,7 @@ class Overlay:
         self._orphans: dict[int, str] = {}
         self._dir_nlink: dict[str, int] = {}
         self._frozen_attrs: dict[tuple[str, int, str], Attr] = {}
-        self._listings: dict[str, tuple[str, ...]] = {}  # dir path -> visible names
+        self._listings: dict[str, dict[str, None]] = {}  # dir path -> visible names
         self.trash: TrashHook | None = None   # None: deleted content is destroyed
         self.lock_fd: int | None = None       # the branch lock of whoever serves it
         self._reason = "unlink"
@@ -123,16 +123,25 @@ class Overlay:
             raise FsError(self._missing_errno(path), path)
         return loc
 
-    def _invalidate(self, path: str, subtree: bool = False) -> None:
-        """Forget cached lookups of *path* after a change (and its parent's link count)."""
+    def _invalidate(self, path: str, subtree: bool = False, dirs: bool = True) -> None:
+        """Forget cached lookups of *path* after a change.  The parent's cached listing
+        is brought up to date rather than dropped (`rm -rf` would otherwise list a
+        directory again after every unlink, to count its subdirectories); its link
+        count is dropped unless the caller knows no directory came or went (*dirs*)."""
         self.resolver.invalidate(path, subtree)
         if subtree:
             self._dir_nlink.clear()
             self._listings.clear()
-        else:
-            parent = split(path)[0]
+            return
+        parent, name = split(path)
+        if dirs:
             self._dir_nlink.pop(parent, None)
-            self._listings.pop(parent, None)
+        listing = self._listings.get(parent)
+        if listing is not None:
+            if self.resolver.locate(path) is not None:
+                listing.setdefault(name, None)
+            else:
+                listing.pop(name, None)
 
     def _invalidate_all(self) -> None:
         self.resolver.invalidate_all()
@@ -239,7 +248,7 @@ class Overlay:
         names = self._list_uncached(path, loc)
         if len(self._listings) > 10_000:
             self._listings.clear()
-        self._listings[path] = tuple(names)
+        self._listings[path] = dict.fromkeys(names)
         return names
 
     def _list_uncached(self, path: str, loc: Loc) -> list[str]:
@@ -573,7 +582,7 @@ class Overlay:
         except BaseException:
             os.close(fd)
             raise
-        self._invalidate(path)
+        self._invalidate(path, dirs=False)
         attr = Attr.from_stat(STORE_INO_TAG | st.st_ino, st)
         fh = next(self._fh)
         self.handles[fh] = Handle(ino=attr.ino, fd=fd, flags=flags & ~os.O_TRUNC, on_top=True)
@@ -607,7 +616,7 @@ class Overlay:
         self._reason = "unlink"
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino,
                               self.base_stamp(loc, path))
-        self._invalidate(path)
+        self._invalidate(path, dirs=False)
         self.inodes.unlinked(attr.ino, path)
 
     def rmdir(self, path: str) -> None:
