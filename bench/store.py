@@ -44,6 +44,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench.machine import repo_state
 from bench.system import Watchdog, abort_mount, fs_type, is_mounted, mounts_under
 
 DEFAULT_ROOT = Path("/var/tmp/agentfs-bench")
@@ -128,38 +129,20 @@ def table(results: Results) -> str:
 
 # ------------------------------------------------------------------ machine
 def machine(root: Path) -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-        for line in fh:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_kib = None
-    with contextlib.suppress(OSError, ValueError, IndexError), open("/proc/meminfo") as fh:
-        mem_kib = int(fh.readline().split()[1])
+    """Where this was measured (bench.machine, as the workload harness records it), plus
+    the load average: other work on the machine moves every row of this benchmark."""
+    from bench.machine import machine_info
+
+    info = machine_info(root)
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "os": platform.platform(),
+        **info,
+        "cores": info["cpus"],
+        "filesystem": info["root_fs"],
         "python": platform.python_version(),
-        "mem_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
-        "root": str(root),
-        "filesystem": fs_type(root),
-        "git_head": _git_head(),
+        "repo_start": repo_state(),
         "loadavg_start": os.getloadavg(),
     }
-
-
-def _git_head() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent,
-                             check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 # ------------------------------------------------------------------ helpers
@@ -441,7 +424,7 @@ def walk(mnt: Path, reads: int) -> tuple[int, int]:
 
 
 def bench_rss(env: Env, results: Results, repeat: int, files: int, dirs: int,
-              reads: int) -> None:
+              reads: int, impl: str | None, daemons: list[str]) -> None:
     from agentfs.branches.store import Store
 
     base = cached_base(env.root, files, dirs)
@@ -458,8 +441,11 @@ def bench_rss(env: Env, results: Results, repeat: int, files: int, dirs: int,
         mnt = env.fresh("rss-mnt-")
         try:
             store.create_branch("b")
-            env.cli(store.root, "mount", str(mnt), "--branch", "b", timeout=120)
+            env.cli(store.root, "mount", str(mnt), "--branch", "b",
+                    *(["--impl", impl] if impl else []), timeout=120)
             pid = daemon_pid(store, mnt)
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:  # which front end served it
+                daemons.append(fh.read().replace(b"\0", b" ").decode(errors="replace").strip())
             after_mount.samples.append(proc_status(pid)["VmRSS"])
             with Watchdog(1800, partial(abort_mount, mnt)):
                 t = time.perf_counter()
@@ -507,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated subset of {','.join(GROUPS)}")
     parser.add_argument("--rss-files", type=int, default=RSS_FILES)
     parser.add_argument("--rss-reads", type=int, default=RSS_READS)
+    parser.add_argument("--impl", default=None,
+                        help="FUSE front end of the RSS mount (default: agentfs' own default)")
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--json", type=Path, default=RESULTS, help="where to write results")
     args = parser.parse_args(argv)
@@ -530,10 +518,13 @@ def main(argv: list[str] | None = None) -> int:
         if "diff" in only:
             bench_diff(env, results, args.repeat)
         if "rss" in only:
+            meta["rss_daemons"] = []
             bench_rss(env, results, args.rss_repeat, args.rss_files,
-                      max(1, args.rss_files // 100), args.rss_reads)
+                      max(1, args.rss_files // 100), args.rss_reads, args.impl,
+                      meta["rss_daemons"])
 
     meta["loadavg_end"] = os.getloadavg()
+    meta["repo_end"] = repo_state()
     print(table(results))
     print(f"\n{meta['cpu_model']}, {meta['cores']} cores, Linux {meta['kernel']}, "
           f"{meta['filesystem']} at {args.root}; median of {args.repeat} "
