@@ -388,6 +388,18 @@ class AgentfsAllowAllTarget(AgentfsTarget):
     policy_text = "version: 1\nname: allow-all\ndefaults: {read: allow, write: allow}\n"
 
 
+class AgentfsPyfuse3Target(AgentfsTarget):
+    """agentfs pinned through the pyfuse3 front end instead of the default (kernel):
+    what pyfuse3's trio loop costs next to speaking the FUSE protocol directly."""
+
+    name = "agentfs-pyfuse3"
+    description = "agentfs, pyfuse3 front end"
+    default = False
+
+    def _policy_args(self, setup: Setup) -> list[str | Path]:
+        return ["--impl", "pyfuse3"]
+
+
 class AgentfsBigPolicyTarget(AgentfsTarget):
     """agentfs with a 200-rule policy (bench.policy.big_policy): every operation is
     checked, none is denied."""
@@ -414,6 +426,7 @@ def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
         AgentfsBigPolicyTarget(agentfs_executable),
         AgentfsNoAuditTarget(agentfs_executable),
         AgentfsAllowAllTarget(agentfs_executable),
+        AgentfsPyfuse3Target(agentfs_executable),
     ]
 
 

@@ -27,7 +27,7 @@ AGENTFS = str(VENV_BIN / "agentfs")
 CMD_TIMEOUT = 60
 IMPLS = ("pyfuse3", "mfusepy", "kernel")  # the FUSE front ends every mounted suite runs against
 # the front end of pinned mounts a test does not choose itself
-DEFAULT_IMPL = os.environ.get("AGENTFS_FUSE_IMPL") or "pyfuse3"
+DEFAULT_IMPL = os.environ.get("AGENTFS_FUSE_IMPL") or "kernel"  # as agentfs mount chooses
 
 
 def fuse_problem() -> str | None:

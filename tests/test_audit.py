@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import subprocess
 import threading
@@ -165,15 +166,18 @@ def test_audit_tail_follows(tmp_path: Path) -> None:
         follower = subprocess.Popen([AGENTFS, "--store", str(mb.store), "audit", "tail", "-f",
                                      "-n", "0"], env=mb.env, stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(1.0)
-            (mb.mountpoint / "followed.txt").write_text("x")
-            deadline = time.monotonic() + 15
-            seen = ""
-            while "followed.txt" not in seen and time.monotonic() < deadline:
+            # the follower starts reading at the end of the log whenever its start-up
+            # is over (seconds under load): keep creating files until one shows up
+            deadline = time.monotonic() + 30
+            seen, n, next_write = "", 0, 0.0
+            while "followed" not in seen and time.monotonic() < deadline:
+                if time.monotonic() >= next_write:
+                    (mb.mountpoint / f"followed{n}.txt").write_text("x")
+                    n, next_write = n + 1, time.monotonic() + 1.0
                 assert follower.stdout is not None
                 if select.select([follower.stdout], [], [], 0.2)[0]:
                     seen += follower.stdout.readline()
-            assert "create followed.txt allow ok" in seen, seen
+            assert re.search(r"create followed\d+\.txt allow ok", seen), seen
         finally:
             follower.kill()
             follower.wait(timeout=10)

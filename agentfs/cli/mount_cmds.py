@@ -72,7 +72,7 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                 deny_unbound=deny_unbound, debug=debug,
                                 policy_path=os.path.abspath(policy) if policy else None,
                                 audit=audit, audit_strict=audit_strict,
-                                impl=lifecycle.choose_impl(impl))
+                                impl=lifecycle.choose_impl(impl, per_process))
     if config.impl == "mfusepy":
         from agentfs.mount.mfuse_daemon import serve_mfusepy
 
