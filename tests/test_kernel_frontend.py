@@ -20,6 +20,7 @@ import pytest
 from mountutil import is_mounted, mounted_branch, per_process_mount, run_cli
 
 from agentfs.mount.kernel import proto
+from agentfs.proc import running
 
 pytestmark = pytest.mark.mount
 
@@ -93,6 +94,8 @@ def test_sigterm_unmounts(tmp_path: Path) -> None:
         while is_mounted(str(mb.mountpoint)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not is_mounted(str(mb.mountpoint))
+        while running(mb.pid) and time.monotonic() < deadline:  # it logs on its way out
+            time.sleep(0.05)
         logs = "".join(p.read_text() for p in (mb.store / "run").glob("mount-*.log"))
         assert "(pinned, kernel)" in logs and "unmounted" in logs
 
