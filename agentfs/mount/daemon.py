@@ -92,22 +92,15 @@ class Daemon:
                       if config.audit else None)
         self.ops: (AgentfsOperations | PerProcessOperations | MfuseOperations
                    | KernelOperations)
-        if config.impl == "kernel":  # FUSE spoken directly (agentfs/mount/kernel)
+        if config.impl in ("kernel", "mfusepy"):  # pinned only: one branch view
             if config.per_process:
                 raise UserError("per-process views need the pyfuse3 front end "
-                                "(drop --impl kernel)")
+                                f"(drop --impl {config.impl})")
             assert config.branch is not None
             overlay = open_branch_view(store, config.branch, self.holder)
-            self.ops = KernelOperations(overlay, self._guard(overlay, config.branch),
-                                        self._recorder(config.branch))
-        elif config.impl == "mfusepy":
-            if config.per_process:
-                raise UserError("per-process views need the pyfuse3 front end "
-                                "(drop --impl mfusepy)")
-            assert config.branch is not None
-            overlay = open_branch_view(store, config.branch, self.holder)
-            self.ops = MfuseOperations(overlay, self._guard(overlay, config.branch),
-                                       self._recorder(config.branch))
+            front_end = KernelOperations if config.impl == "kernel" else MfuseOperations
+            self.ops = front_end(overlay, self._guard(overlay, config.branch),
+                                 self._recorder(config.branch))
         elif config.per_process:
             for name in filter(None, [config.default_branch]):
                 store.branch(name)

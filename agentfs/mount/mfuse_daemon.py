@@ -9,7 +9,6 @@ thread and picked up by a thread that waits for it, so libfuse never sees it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -17,44 +16,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import trio
-
+from agentfs.mount.background import Background
 from agentfs.mount.daemon import Daemon, MountConfig, open_daemon, raise_fd_limit
 from agentfs.mount.mfuse_ops import ENTRY_TIMEOUT, AgentfsFUSE, MfuseOperations
 
 log = logging.getLogger(__name__)
-
-
-class _Background:
-    """The trio loop of the daemon's own tasks, on its own thread."""
-
-    def __init__(self, daemon: Daemon, lock: threading.RLock) -> None:
-        self.daemon, self.lock = daemon, lock
-        self.token: trio.lowlevel.TrioToken | None = None
-        self.scope: trio.CancelScope | None = None
-        self.thread = threading.Thread(target=self._run, name="agentfs-control", daemon=True)
-
-    def _guarded(self, call: Callable[[], Any]) -> Any:
-        with self.lock:
-            return call()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as scope:
-                self.scope = scope
-                async with trio.open_nursery() as nursery:
-                    self.daemon.start_tasks(nursery, self._guarded)
-        try:
-            trio.run(main)
-        except Exception:
-            log.exception("the control loop failed")
-
-    def stop(self) -> None:
-        if self.token is not None and self.scope is not None:
-            with contextlib.suppress(trio.RunFinishedError):
-                self.token.run_sync_soon(self.scope.cancel)
-        self.thread.join(timeout=10)
 
 
 def _reload_on_sighup(daemon: Daemon, lock: threading.RLock) -> None:
@@ -78,7 +44,7 @@ def serve_mfusepy(config: MountConfig, ready: Callable[[str | None], None]) -> i
     assert isinstance(ops, MfuseOperations)
     raise_fd_limit()
     os.umask(0)
-    background = _Background(daemon, ops.engine_lock)
+    background = Background(daemon, ops.engine_lock)
     mounted = threading.Event()
 
     def on_ready() -> None:

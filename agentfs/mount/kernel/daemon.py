@@ -10,16 +10,13 @@ thread could deadlock (the kernel may need the loop to answer the last writes).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
 
-import trio
-
+from agentfs.mount.background import Background
 from agentfs.mount.daemon import Daemon, MountConfig, open_daemon, raise_fd_limit
 from agentfs.mount.kernel.ops import KernelOperations
 from agentfs.mount.kernel.session import MountError, Session
@@ -27,40 +24,6 @@ from agentfs.mount.kernel.session import MountError, Session
 log = logging.getLogger(__name__)
 
 SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
-
-
-class _Background:
-    """The trio loop of the daemon's own tasks, on its own thread."""
-
-    def __init__(self, daemon: Daemon, lock: threading.RLock) -> None:
-        self.daemon, self.lock = daemon, lock
-        self.token: trio.lowlevel.TrioToken | None = None
-        self.scope: trio.CancelScope | None = None
-        self.thread = threading.Thread(target=self._run, name="agentfs-control", daemon=True)
-
-    def _guarded(self, call: Callable[[], Any]) -> Any:
-        with self.lock:
-            return call()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self.token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as scope:
-                self.scope = scope
-                async with trio.open_nursery() as nursery:
-                    self.daemon.start_tasks(nursery, self._guarded)
-        try:
-            trio.run(main)
-        except Exception:
-            log.exception("the control loop failed")
-
-    def stop(self) -> None:
-        if not self.thread.is_alive():
-            return
-        if self.token is not None and self.scope is not None:
-            with contextlib.suppress(trio.RunFinishedError):
-                self.token.run_sync_soon(self.scope.cancel)
-        self.thread.join(timeout=10)
 
 
 def _take_signals(daemon: Daemon, session: Session, lock: threading.RLock) -> None:
@@ -97,7 +60,7 @@ def serve_kernel(config: MountConfig, ready: Callable[[str | None], None]) -> in
         daemon.close()
         store.close()
         return 1
-    background = _Background(daemon, ops.engine_lock)
+    background = Background(daemon, ops.engine_lock)
     try:
         store.add_mount(config.branch, config.mountpoint, os.getpid(), "pinned",
                         config.log_path)
