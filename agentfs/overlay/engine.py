@@ -210,8 +210,27 @@ class Overlay:
 
     def lookup(self, path: str) -> Attr:
         """getattr that also counts a kernel reference to the inode."""
+        attr = self.lookup_or_none(path)
+        if attr is None:
+            raise FsError(self._missing_errno(path), path)
+        return attr
+
+    def lookup_or_none(self, path: str) -> Attr | None:
+        """`lookup`, with None for ENOENT: most lookups of a missing name (every new file
+        of an untar) are answered by the parent's cached listing, without a system call
+        or an exception."""
         _check_name(path)
-        attr = self.getattr(path)
+        parent, name = split(path)
+        listing = self._listings.get(parent)
+        if listing is not None and name not in listing:
+            return None
+        loc = self.resolver.locate(path)
+        if loc is None:
+            code = self._missing_errno(path)
+            if code != errno.ENOENT:
+                raise FsError(code, path)
+            return None
+        attr = self._attr(path, loc)
         self.inodes.remember(attr.ino, path)
         return attr
 
@@ -399,10 +418,12 @@ class Overlay:
     # ------------------------------------------------------------- whiteouts
     def _make_whiteout(self, stamp: list[Any] | None = None) -> str:
         tmp = copyup.temp_name()
-        fd = self.work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
-        os.close(fd)
-        self.work.chmod(tmp, 0)
-        self.top.set_meta(self.work, tmp, {"wh": 1, "bst": stamp} if stamp else {"wh": 1})
+        fd = self.work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)  # mode 0
+        try:
+            self.top.set_meta_fd(fd, os.fstat(fd), {"wh": 1, "bst": stamp} if stamp
+                                 else {"wh": 1})
+        finally:
+            os.close(fd)
         return tmp
 
     def _remove_from_top(self, path: str, whiteout: bool, ino: int,
@@ -528,7 +549,10 @@ class Overlay:
         pst = self._parent_stat(path)
         self._own(path, uid, gid, pst)
         self.tree.chmod(path, (mode & 0o7777) | (pst.st_mode & stat.S_ISGID))
-        return self.getattr(path)
+        loc = self._locate(path)
+        if len(loc.parts) == 1:  # nothing below shows through: the listing is known
+            self._listings[path] = {}
+        return self._attr(path, loc)
 
     def mknod(self, path: str, mode: int, rdev: int, uid: int, gid: int) -> Attr:
         self._prepare_new(path)
@@ -571,9 +595,11 @@ class Overlay:
         gid = self._new_gid(self._parent_stat(path), gid)
         fd = self.tree.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode & 0o7777)
         try:
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, uid, gid)
             st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, uid, gid)
+                st = os.fstat(fd)
             if stat.S_IMODE(st.st_mode) != mode & 0o7777:
                 os.fchmod(fd, mode & 0o7777)
                 st = os.fstat(fd)
@@ -836,16 +862,16 @@ class Overlay:
             return self.getattr(path)
         loc = self._copy_up(path)
         if uid is not None or gid is not None:
-            st = loc.host.lstat(loc.rel)
-            loc.host.chown(loc.rel, st.st_uid if uid is None else uid,
-                           st.st_gid if gid is None else gid)
+            loc.host.chown(loc.rel, -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
-            loc.host.chmod(loc.rel, mode & 0o7777)
+            loc.host.chmod(loc.rel, mode & 0o7777, loc.kind)
         if atime_ns is not None or mtime_ns is not None:
-            st = loc.host.lstat(loc.rel)
-            loc.host.utime(loc.rel, st.st_atime_ns if atime_ns is None else atime_ns,
-                           st.st_mtime_ns if mtime_ns is None else mtime_ns)
-        return self.getattr(path)
+            if atime_ns is None or mtime_ns is None:
+                st = loc.host.lstat(loc.rel)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            loc.host.utime(loc.rel, atime_ns, mtime_ns)
+        return self._attr(path, loc)
 
     def fh_attr(self, fh: int | None) -> Attr:
         """Attributes through an open handle (its file may have no name any more)."""
@@ -945,6 +971,10 @@ class Overlay:
             return loc.host.getxattr(loc.rel, name)
         except OSError as exc:
             raise FsError.from_os(exc) from None
+
+    def fh_xattrs(self, fh: int) -> list[str]:
+        """Extended attribute names of an open file (through its fd: no path walk)."""
+        return [n for n in os.listxattr(self.handles[fh].fd) if n != MARKER]
 
     def listxattr(self, path: str) -> list[str]:
         loc = self._locate(path)

@@ -163,11 +163,18 @@ class HostDir:
                 return None
             raise
 
-    def chmod(self, rel: str, mode: int) -> None:
-        st = self.lstat(rel)
-        if stat.S_ISLNK(st.st_mode):
+    def chmod(self, rel: str, mode: int, kind: int | None = None) -> None:
+        """chmod that never follows a final symlink.  *kind*: the object's file type as
+        the caller knows it (only this process writes a layer), saving the lstat."""
+        if kind is None:
+            kind = stat.S_IFMT(self.lstat(rel).st_mode)
+        if kind == stat.S_IFLNK:
             return  # symlink modes are meaningless on Linux
-        os.chmod(self.proc_path(rel), mode)
+        if not rel:
+            os.chmod(self.proc_path(rel), mode)  # the root fd is O_PATH: no fchmod
+            return
+        dfd, name = self.at(rel)
+        os.chmod(name, mode, dir_fd=dfd)  # not a symlink: nothing to follow
 
     def chown(self, rel: str, uid: int, gid: int) -> None:
         if not rel:

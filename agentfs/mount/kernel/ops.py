@@ -340,13 +340,8 @@ class KernelOperations:
         return self._lookup(unique, path)
 
     def _lookup(self, unique: int, path: str) -> bytes:
-        try:
-            attr = self.ov.lookup(path)
-        except FsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            return self._negative(unique)
-        return self._entry(unique, attr)
+        attr = self.ov.lookup_or_none(path)
+        return self._negative(unique) if attr is None else self._entry(unique, attr)
 
     def _forget_one(self, nodeid: int, count: int) -> None:
         self.ov.forget(nodeid, count)
@@ -527,6 +522,9 @@ class KernelOperations:
             fh, a = self.ov.create(path, flags, mode, uid, gid)
             self.gate.opened(fh, path, pid, uid)
             self.ov.inodes.remember(a.ino, path)
+            # the kernel asks for security.capability before the first write: known now
+            self._xattr_names[a.ino] = frozenset(
+                os.fsencode(x) for x in self.ov.fh_xattrs(fh))
             t = self.timeout
             asec, ans = divmod(a.atime_ns, NS)
             msec, mns = divmod(a.mtime_ns, NS)
