@@ -95,6 +95,7 @@ def restore(ctx: typer.Context, item_id: str = typer.Argument(..., metavar="ID")
         result = trash.restore_into(ov, item.id, to, force)
     finally:
         ov.close()
+        trash.close()  # what the restore put in the trash becomes item files
     _report(result.__dict__)
 
 

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 IMPLS = ("pyfuse3", "mfusepy", "kernel")
 POLICY_POLL = 1.0  # seconds between looks at the policy files' mtimes
 TRASH_PURGE_EVERY = 600.0  # seconds between applications of the trash retention limits
+TRASH_FLUSH_EVERY = 1.0    # seconds between checks for trash records due to become files
 
 
 def fuse_options(debug: bool) -> set[str]:
@@ -294,6 +295,14 @@ class Daemon:
                     log.exception("trash/audit retention failed")
                 await trio.sleep(TRASH_PURGE_EVERY)
 
+        async def write_trash_records() -> None:  # pending journal records to item files
+            while True:
+                await trio.sleep(TRASH_FLUSH_EVERY)
+                try:
+                    await trio.to_thread.run_sync(self.trash.flush_due)
+                except Exception:
+                    log.exception("writing trash records failed")
+
         async def watch_policy_files() -> None:
             while True:
                 await trio.sleep(POLICY_POLL)
@@ -307,6 +316,7 @@ class Daemon:
 
         nursery.start_soon(watch_policy_files)
         nursery.start_soon(keep_trash_in_bounds)
+        nursery.start_soon(write_trash_records)
         nursery.start_soon(end_sessions)
         nursery.start_soon(control.serve,
                            control.socket_path(self.config.store_root, os.getpid()),

@@ -45,6 +45,10 @@ def restore(area: TrashArea, item_id: str, ov: Overlay, open_source: SourceOpene
         raise UserError(f"no trash entry {item_id!r} (see `agentfs trash list`)") from None
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    writer = area.pending_elsewhere(item.id)
+    if writer is not None:  # its record would come back with that process's next batch
+        raise UserError(f"{item.id} is still being recorded by process {writer}; try "
+                        "again in a few seconds")
     if item.meta.get("state") != "final" and not force:
         raise UserError(f"{item.id}: the deleted file is still open somewhere; restore "
                         "after it is closed, or --force to restore what it holds now")

@@ -14,6 +14,7 @@ from agentfs.trash.area import (
     DEFAULT_HASH_LIMIT,
     DEFAULT_MAX_AGE,
     DEFAULT_MAX_SIZE,
+    FLUSH_AGE,
     TrashArea,
     TrashItem,
 )
@@ -66,6 +67,10 @@ class Trash:
 
     def finalize_stale(self) -> int:
         return finalize_stale(self.area, self.retention().hash_limit)
+
+    def flush_due(self) -> int:
+        """Write the records pending in this process's journal that are due as files."""
+        return self.area.flush(FLUSH_AGE)
 
     def sink(self, branch: str) -> TrashSink:
         return TrashSink(self.area, branch, self.retention().hash_limit)

@@ -23,7 +23,7 @@ from agentfs.context import CALLER
 from agentfs.overlay.hostio import HostDir, join, split
 from agentfs.overlay.layers import MARKER, Layer
 from agentfs.proc import exe_of, running
-from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, META, TrashArea
+from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, TrashArea
 
 log = logging.getLogger(__name__)
 _REMEMBER = 200_000  # deleted items kept in memory for folding into trees
@@ -104,7 +104,8 @@ class TrashSink:
 
     # -- records ---------------------------------------------------------------------
     def _record(self, item_id: str, path: str, kind: str, reason: str,
-                entries: list[dict[str, Any]], state: str = "final") -> dict[str, Any]:
+                entries: list[dict[str, Any]], state: str = "final",
+                folded: list[str] | None = None) -> dict[str, Any]:
         pid, uid = CALLER.get()
         meta = {
             "id": item_id, "branch": self.branch, "path": path, "kind": kind,
@@ -112,7 +113,7 @@ class TrashSink:
             "pid": pid, "uid": uid, "exe": self._exe(pid),
             "daemon_pid": os.getpid(), "entries": entries}
         _totals(meta)
-        self.area.write(item_id, meta)
+        self.area.add(item_id, meta, folded or ())
         if len(self._metas) > _REMEMBER:
             self._children.clear()
             self._metas.clear()
@@ -192,24 +193,25 @@ class TrashSink:
         os.mkdir(self.area.root / data, 0o700)
         entries = [own]
         state = "final"
+        folded = []
         for sub, child_id in sorted(self._children.pop(path, {}).items()):
             child = self._metas.pop(child_id, None)
-            record = self.area.root / f"{child_id}{META}"
-            if child is None or not record.exists():
+            if child is None or not self.area.exists(child_id):
                 continue  # purged meanwhile
             src = self.area.root / f"{child_id}{DATA}"
             if os.path.lexists(src):
                 os.rename(src, self.area.root / data / sub)
             for entry in child.get("entries", []):
-                entry["rel"] = join(sub, entry["rel"]) if entry["rel"] else sub
-                entries.append(entry)
+                entries.append({**entry, "rel": join(sub, entry["rel"]) if entry["rel"] else sub})
             if child.get("state") == "open":
                 state = "open"
                 for ino, (open_id, rel) in list(self._open.items()):
                     if open_id == child_id:
                         self._open[ino] = (item_id, join(sub, rel) if rel else sub)
-            os.unlink(record)
-        self._record(item_id, path, "tree", reason, entries, state)
+            folded.append(child_id)
+        # the tree's record and the end of its children's in one journal write (a
+        # child that is only pending never becomes a file)
+        self._record(item_id, path, "tree", reason, entries, state, folded)
 
     def copied(self, path: str, host: HostDir, rel: str, reason: str) -> None:
         """Keep a copy of what is about to be overwritten (truncation under soft_delete)."""
@@ -232,7 +234,11 @@ class TrashSink:
 
 def finalize_stale(area: TrashArea, hash_limit: int) -> int:
     """Entries left 'open' by a daemon that is gone (killed while a deleted file was
-    open): nothing can write to them any more, so record what they hold now."""
+    open): nothing can write to them any more, so record what they hold now.  First
+    the journals of writers that are gone become item files (`TrashArea.recover`)."""
+    recovered = area.recover()
+    if recovered:
+        log.info("trash: %d records recovered from journals of dead writers", recovered)
     done = 0
     for item in area.items():
         meta = item.meta
