@@ -897,6 +897,11 @@ class Overlay:
         return Attr.from_stat(h.ino, os.fstat(h.fd), nlink=0)
 
     # --------------------------------------------------------- file data
+    def writable(self, fh: int) -> bool:
+        """Is *fh* an open handle that may write?"""
+        h = self.handles.get(fh)
+        return h is not None and self._writable(h)
+
     @staticmethod
     def _writable(h: Handle) -> bool:
         return h.flags & _ACCMODE != os.O_RDONLY
