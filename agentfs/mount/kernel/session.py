@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import logging
 import os
 import queue
@@ -28,6 +29,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -256,6 +258,18 @@ class Session:
         table[p.INTERRUPT] = self._interrupt
         if self.debug:
             table[:] = [None if h is None else _logged(op, h) for op, h in enumerate(table)]
+        stats_path = os.environ.get("AGENTFS_OPSTATS")
+        stats: dict[int, list[float]] = {}
+        if stats_path:
+            table[:] = [None if h is None else _timed(op, h, stats)
+                        for op, h in enumerate(table)]
+        try:
+            self._serve(table)
+        finally:
+            if stats_path:
+                _write_stats(stats_path, stats)
+
+    def _serve(self, table: list[Handler | None]) -> None:
         fd, buf, lock = self.fd, self.buf, self.lock
         bufs = [buf]
         readv, write, writev = os.readv, os.write, os.writev
@@ -304,6 +318,34 @@ class Session:
                     if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted
                         log.warning("FUSE reply to %s failed: %s",
                                     p.OPCODE_NAMES.get(opcode, opcode), exc)
+
+
+def _timed(opcode: int, handler: Handler, stats: dict[int, list[float]]) -> Handler:
+    """AGENTFS_OPSTATS=FILE: count each request and its handler's time (engine lock
+    included), written to FILE as JSON at unmount; for profiling, off by default."""
+    clock = time.perf_counter
+    entry = stats.setdefault(opcode, [0, 0.0])
+
+    def run(n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
+            ) -> bytes | list[Any] | None:
+        started = clock()
+        try:
+            return handler(n, unique, nodeid, uid, gid, pid)
+        finally:
+            entry[0] += 1
+            entry[1] += clock() - started
+    return run
+
+
+def _write_stats(path: str, stats: dict[int, list[float]]) -> None:
+    out = {p.OPCODE_NAMES.get(op, str(op)): {"count": int(n), "seconds": round(t, 6),
+                                             "us_each": round(1e6 * t / n, 1) if n else 0}
+           for op, (n, t) in sorted(stats.items(), key=lambda kv: -kv[1][1]) if n}
+    try:
+        with open(path, "w") as fh:
+            json.dump(out, fh, indent=1)
+    except OSError as exc:
+        log.warning("could not write request statistics to %s: %s", path, exc)
 
 
 def _logged(opcode: int, handler: Handler) -> Handler:
