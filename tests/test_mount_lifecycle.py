@@ -178,7 +178,7 @@ def test_front_end_from_the_environment(tmp_path: Path) -> None:
     init_store(base, store, "b", env["AGENTFS_HOME"])
     bad = run_cli("--store", str(store), "mount", str(mnt), "--branch", "b",
                   env={**env, "AGENTFS_FUSE_IMPL": "nope"}, check=False)
-    assert bad.returncode == 1 and "unknown FUSE front end 'nope'" in bad.stderr
+    assert bad.returncode == 2 and "unknown FUSE front end 'nope'" in bad.stderr
     out = run_cli("--store", str(store), "mount", str(mnt), "--branch", "b",
                   env={**env, "AGENTFS_FUSE_IMPL": "mfusepy"}).stdout
     pid = int(out.rsplit("pid", 1)[1].strip(" )\n"))

@@ -26,13 +26,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from agentfs.branches.schema import (
+    OLDEST_VERSION,
     SCHEMA_VERSION,
+    UPGRADES,
     Base,
     BranchRow,
     MountRow,
     StoreInfo,
 )
-from agentfs.errors import UserError
+from agentfs.errors import NotFoundError, StoreError, UsageError, UserError
 from agentfs.proc import running
 
 BRANCH_NAME_MAX = 100
@@ -76,13 +78,33 @@ def sqlite_pragmas(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
 
 def validate_branch_name(name: str) -> None:
     if not name or not name.strip():
-        raise UserError("branch name must not be empty")
-    if _BAD_NAME.search(name):
-        raise UserError(f"branch name {name!r} must not contain '/' or control characters")
+        raise UsageError("branch name must not be empty")
     if len(name) > BRANCH_NAME_MAX:
-        raise UserError(f"branch name is too long ({len(name)} > {BRANCH_NAME_MAX} characters)")
+        raise UsageError(f"branch name is too long ({len(name)} > {BRANCH_NAME_MAX} "
+                         "characters)")
+    if _BAD_NAME.search(name):
+        raise UsageError(f"branch name {name!r} must not contain '/' or control characters")
+    if not is_utf8(name):
+        raise UsageError(f"branch name {name!r} is not valid UTF-8")
     if name in (".", "..") or name.startswith("-"):
-        raise UserError(f"branch name {name!r} is not allowed")
+        raise UsageError(f"branch name {name!r} is not allowed")
+
+
+def is_utf8(text: str) -> bool:
+    """False for a str holding undecodable bytes (surrogate escapes from the command
+    line or a file name): SQLite, JSON and the terminal take UTF-8 only."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def require_utf8_path(path: Path | str, what: str) -> None:
+    """Paths the store records (base, store, mountpoints) must be valid UTF-8."""
+    if not is_utf8(str(path)):
+        raise UsageError(f"{what} {str(path)!r} is not valid UTF-8; agentfs records it in "
+                         "its store, choose a path without undecodable bytes")
 
 
 @dataclass(frozen=True)
@@ -123,15 +145,14 @@ class Store:
         self.root = root
         db = root / "meta.db"
         if not db.is_file():
-            raise UserError(f"{root} is not an agentfs store (no meta.db); run `agentfs init`")
+            if not root.exists():
+                raise StoreError(f"{root} is not an agentfs store (the directory does not "
+                                 "exist); run `agentfs init`")
+            raise StoreError(f"{root} is not an agentfs store (no meta.db); "
+                             "run `agentfs init`")
+        _check_writable(root, db)
+        base = open_schema(root, db)
         self.engine: Engine = _make_engine(db)
-        Base.metadata.create_all(self.engine)  # adds tables a newer agentfs introduced
-        version = self.info("schema_version")
-        if version is None or int(version) > SCHEMA_VERSION:
-            raise UserError(f"store {root} has schema version {version}, this agentfs knows "
-                            f"{SCHEMA_VERSION}; upgrade agentfs")
-        base = self.info("base_path")
-        assert base is not None
         self.base = Path(base)
 
     # -- creation and discovery ------------------------------------------
@@ -142,18 +163,20 @@ class Store:
         base, so its views hide it and every other agentfs path, and it is not
         registered (every directory is inside "/")."""
         base = base.expanduser()
-        if not base.exists():
-            raise UserError(f"base directory {base} does not exist")
+        require_utf8_path(base, "base directory")
+        if not _exists(base):
+            raise NotFoundError(f"base directory {base} does not exist")
         if not base.is_dir():
-            raise UserError(f"base {base} is not a directory")
+            raise UsageError(f"base {base} is not a directory")
         base = base.resolve()
         if root is None:
             root = agentfs_home() / "stores" / _store_dir_name(base)
         root = root.expanduser().absolute()
-        if (root / "meta.db").exists():
+        require_utf8_path(root, "store directory")
+        if _exists(root / "meta.db"):
             raise UserError(f"a store already exists at {root}")
         if _is_within(root, base) and not whole_root:
-            raise UserError(f"the store ({root}) must not be inside the base ({base})")
+            raise UsageError(f"the store ({root}) must not be inside the base ({base})")
         for sub in ("layers", "run"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         _check_xattrs(root)
@@ -182,7 +205,7 @@ class Store:
             if _is_within(here, Path(base)) and (best is None or len(base) > best[0]):
                 best = (len(base), root)
         if best is None:
-            raise UserError("no agentfs store found for this directory; pass --store DIR, "
+            raise StoreError("no agentfs store found for this directory; pass --store DIR, "
                             "set AGENTFS_STORE, or run `agentfs init BASE`")
         return cls(Path(best[1]))
 
@@ -266,7 +289,8 @@ class Store:
             parent_top = None
             if from_branch is not None:
                 found = cur.execute("SELECT id, top_layer_id FROM branches WHERE name = ?",
-                                    (from_branch,)).fetchone()
+                                    (from_branch,)).fetchone() \
+                    if is_utf8(from_branch) else None
                 if found is None:
                     self._unknown_branch(cur, from_branch)
                 parent_id, old_top = found
@@ -320,7 +344,7 @@ class Store:
     @staticmethod
     def _unknown_branch(cur: sqlite3.Cursor, name: str) -> NoReturn:
         known = ", ".join(r[0] for r in cur.execute("SELECT name FROM branches ORDER BY id"))
-        raise UserError(f"unknown branch {name!r} (branches: {known or 'none'})")
+        raise NotFoundError(f"unknown branch {name!r} (branches: {known or 'none'})")
 
     def _layer_is_empty(self, layer_id: int) -> bool:
         path = str(self.layer_dir(layer_id))
@@ -343,10 +367,12 @@ class Store:
             return [self._branch_info(s, r) for r in rows]
 
     def _branch_row(self, s: Session, name: str) -> BranchRow:
-        row = s.scalar(select(BranchRow).where(BranchRow.name == name))
+        # a name that is not UTF-8 cannot be a branch (nor be looked up in SQLite)
+        row = s.scalar(select(BranchRow).where(BranchRow.name == name)) \
+            if is_utf8(name) else None
         if row is None:
             known = ", ".join(s.scalars(select(BranchRow.name)).all()) or "none"
-            raise UserError(f"unknown branch {name!r} (branches: {known})")
+            raise NotFoundError(f"unknown branch {name!r} (branches: {known})")
         return row
 
     def _branch_info(self, s: Session, row: BranchRow) -> BranchInfo:
@@ -396,6 +422,117 @@ class Store:
         self.engine.dispose()
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists, but a name too long (or otherwise unusable) is a usage error."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise UsageError(f"{_short(str(path))}: {exc.strerror}") from None
+    return True
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _check_writable(root: Path, db: Path) -> None:
+    """Every command may write meta.db (pruning stale mounts, finishing a commit, WAL
+    bookkeeping), so a store that cannot be written is refused up front."""
+    try:
+        fd = os.open(db, os.O_RDWR)
+    except OSError as exc:
+        raise StoreError(f"store {root} is not writable: {db.name}: {exc.strerror} "
+                         "(agentfs must write its store; remount it read-write or fix "
+                         "its permissions)") from None
+    os.close(fd)
+    if not os.access(root, os.W_OK):
+        raise StoreError(f"store {root} is not writable (agentfs must write its store; "
+                         "remount it read-write or fix its permissions)")
+
+
+def open_schema(root: Path, db: Path) -> str:
+    """Check meta.db is an agentfs store this code can use, upgrade it if it is older
+    (all steps in one transaction: a store is either upgraded or left as it was), and
+    return its base path."""
+    try:
+        conn = sqlite3.connect(db, isolation_level=None, timeout=10)
+    except sqlite3.Error as exc:
+        raise StoreError(f"store {root}: cannot open meta.db ({exc})") from None
+    try:
+        version, base = _read_version(root, conn)
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"store {root} has schema version {version}, newer than this "
+                             f"agentfs knows ({SCHEMA_VERSION}); upgrade agentfs")
+        if version < SCHEMA_VERSION:
+            try:
+                _upgrade(root, conn)
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {root}: upgrading schema version {version} to "
+                                 f"{SCHEMA_VERSION} failed ({exc}); the store is "
+                                 "unchanged") from None
+        return base
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"store {root}: meta.db is unreadable ({exc})") from None
+    finally:
+        conn.close()
+
+
+def _read_version(root: Path, conn: sqlite3.Connection) -> tuple[int, str]:
+    try:
+        rows = dict(conn.execute("SELECT key, value FROM store_info"))
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            raise StoreError(f"store {root}: meta.db is not an agentfs store "
+                             "(no store_info table)") from None
+        raise
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"store {root}: meta.db is corrupt ({exc})") from None
+    base = rows.get("base_path")
+    if not base:
+        raise StoreError(f"store {root}: meta.db is not an agentfs store (no base_path)")
+    raw = rows.get("schema_version")
+    try:
+        version = OLDEST_VERSION if raw is None else int(raw)
+    except ValueError:
+        raise StoreError(f"store {root}: schema version {raw!r} is not a number") from None
+    return version, str(base)
+
+
+def _upgrade(root: Path, conn: sqlite3.Connection) -> None:
+    """Run the steps from the store's version to SCHEMA_VERSION in one transaction; a
+    second process opening the same old store waits for the first and then finds it
+    upgraded."""
+    conn.execute("PRAGMA foreign_keys=OFF")  # table rebuilds; must be set outside a tx
+    conn.execute("PRAGMA busy_timeout=10000")
+    cur = conn.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        version, _base = _read_version(root, conn)
+        start = version
+        while version < SCHEMA_VERSION:
+            step = UPGRADES.get(version)
+            if step is None:
+                raise StoreError(f"store {root} has schema version {version}, which this "
+                                 f"agentfs cannot upgrade (it knows {sorted(UPGRADES)})")
+            step(cur)
+            version += 1
+        if start < SCHEMA_VERSION:
+            cur.execute("INSERT OR REPLACE INTO store_info (key, value) VALUES "
+                        "('schema_version', ?)", (str(version),))
+            cur.execute("INSERT OR REPLACE INTO store_info (key, value) VALUES "
+                        "(?, ?)", (f"upgraded_from_{start}", _now().isoformat()))
+            problems = list(cur.execute("PRAGMA foreign_key_check"))
+            if problems:
+                raise StoreError(f"store {root}: upgrade to schema version {version} found "
+                                 f"{len(problems)} dangling reference(s); left unchanged")
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
 def _make_engine(db: Path) -> Engine:
     engine = create_engine(f"sqlite:///{db}")
     event.listen(engine, "connect", sqlite_pragmas)
@@ -423,7 +560,7 @@ def _check_xattrs(root: Path) -> None:
     try:
         os.setxattr(probe, "user.agentfs.probe", b"1")
     except OSError as exc:
-        raise UserError(f"the store filesystem at {root} does not support user xattrs "
+        raise StoreError(f"the store filesystem at {root} does not support user xattrs "
                         f"({exc.strerror}); choose another --store location") from None
     finally:
         probe.unlink()

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from agentfs.cli.common import print_json
 from agentfs.cli.daemons import ask_daemon, live_daemons, live_stores
-from agentfs.errors import UserError
+from agentfs.errors import NotFoundError, UserError
 
 REMEMBER_HELP = "once (this request), process (the asking process), session (its session)"
 
@@ -44,7 +44,7 @@ def send_answer(roots: list[Path], ticket_id: str, allow: bool, remember: str) -
             if not reply.get("ok"):
                 raise UserError(str(reply.get("error")))
             return
-    raise UserError(f"no mount is waiting on request {ticket_id} "
+    raise NotFoundError(f"no mount is waiting on request {ticket_id} "
                     "(see `agentfs prompts --once`)")
 
 

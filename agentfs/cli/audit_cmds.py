@@ -15,7 +15,7 @@ import typer
 
 from agentfs.audit.log import audit_max_age, query
 from agentfs.cli.common import open_store
-from agentfs.errors import UserError
+from agentfs.errors import UsageError
 from agentfs.policy.globs import GlobError, compile_glob
 from agentfs.units import parse_duration
 
@@ -37,7 +37,7 @@ def parse_time(text: str) -> int:
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise UserError(f"bad time {text!r} (e.g. 15m, 2h, 2026-11-23T08:00:00)") from None
+        raise UsageError(f"bad time {text!r} (e.g. 15m, 2h, 2026-11-23T08:00:00)") from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
     return int(when.timestamp() * 1e6)
@@ -66,7 +66,7 @@ def _glob_filter(events: Iterable[dict[str, Any]], path: str | None
     try:
         rx = compile_glob(path)
     except GlobError as exc:
-        raise UserError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     for e in events:
         if rx.fullmatch(e["path"]) or (e["dst"] and rx.fullmatch(e["dst"])):
             yield e
@@ -138,7 +138,7 @@ def export(ctx: typer.Context,
            output: Path | None = typer.Option(None, "--output", "-o")) -> None:
     """Every event (in a time window) as JSON lines, for other tools."""
     if fmt != "jsonl":
-        raise UserError(f"unknown format {fmt!r} (jsonl)")
+        raise UsageError(f"unknown format {fmt!r} (jsonl)")
     root = open_store(ctx).root
     events = query(root, since_us=parse_time(since) if since else None,
                    until_us=parse_time(until) if until else None)
@@ -164,5 +164,5 @@ def retention(ctx: typer.Context,
         try:
             store.set_info("audit.max_age", str(parse_duration(max_age)))
         except ValueError as exc:
-            raise UserError(str(exc)) from None
+            raise UsageError(str(exc)) from None
     typer.echo(f"audit events are kept {audit_max_age(store) / 86400:g} days")

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from agentfs.cli.common import open_store, print_json
-from agentfs.errors import UserError
+from agentfs.errors import UsageError
 
 app = typer.Typer(help="Create and list branches.", no_args_is_help=True)
 
@@ -146,7 +146,7 @@ def discard(ctx: typer.Context, name: str,
     s.branch(name)
     if not yes:
         if not sys.stdin.isatty():
-            raise UserError(f"refusing to discard {name!r} without --yes (no terminal to ask)")
+            raise UsageError(f"refusing to discard {name!r} without --yes (no terminal to ask)")
         typer.confirm(f"discard branch {name!r}?", abort=True)
     trash = discard_branch(s, name, purge=purge, force=force)
     typer.echo(f"discarded {name}" + (f"; data kept in {trash}" if trash else "; data purged"))

@@ -10,7 +10,7 @@ import typer
 
 from agentfs.branches.store import Store, load_registry
 from agentfs.cli.common import open_store
-from agentfs.errors import UserError
+from agentfs.errors import MountError, UserError
 from agentfs.mount import control
 
 
@@ -46,7 +46,7 @@ def ask_daemon(root: Path, pid: int, message: dict[str, Any]) -> dict[str, Any]:
     try:
         return control.request(control.socket_path(root, pid), message, timeout=10)
     except OSError as exc:
-        raise UserError(f"cannot reach the mount daemon (pid {pid}): {exc}") from None
+        raise MountError(f"cannot reach the mount daemon (pid {pid}): {exc}") from None
 
 
 def daemon_at(ctx: typer.Context, mountpoint: Path) -> tuple[Path, int]:
@@ -55,4 +55,4 @@ def daemon_at(ctx: typer.Context, mountpoint: Path) -> tuple[Path, int]:
     for root, pid, where in live_daemons(live_stores(ctx)):
         if where == want:
             return root, pid
-    raise UserError(f"{want} is not an agentfs mount (see `agentfs status`)")
+    raise MountError(f"{want} is not an agentfs mount (see `agentfs status`)")

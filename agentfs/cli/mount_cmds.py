@@ -56,7 +56,7 @@ def mount(ctx: typer.Context, mountpoint: Path,
     if policy:
         load_policy(policy)
     lifecycle.check_fuse()
-    path = lifecycle.check_mountpoint(mountpoint)
+    path = lifecycle.check_mountpoint(mountpoint, store)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failure: list[str] = []
@@ -92,7 +92,6 @@ def umount(ctx: typer.Context, mountpoint: Path,
            lazy: bool = typer.Option(False, "--lazy", "-z", help="detach even if busy")) -> None:
     """Flush and unmount MOUNTPOINT, waiting for its daemon to exit."""
     store = None
-    with contextlib.suppress(UserError):
+    with contextlib.suppress(UserError):  # a dead or foreign mount needs no store
         store = open_store(ctx)
-    lifecycle.unmount(mountpoint, store, lazy)
-    typer.echo(f"unmounted {mountpoint}")
+    typer.echo(lifecycle.unmount(mountpoint, store, lazy))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import yaml
 
 from agentfs.cli.common import print_json
 from agentfs.cli.daemons import ask_daemon, daemon_at
-from agentfs.errors import UserError
+from agentfs.errors import NotFoundError, UsageError, UserError
 from agentfs.policy.engine import DEFAULT_POLICY, PolicyEngine, default_policy
 from agentfs.policy.lint import shadowed
 from agentfs.policy.loader import load_policy
@@ -21,7 +22,11 @@ app = typer.Typer(help="Check, lint and test policy files.", no_args_is_help=Tru
 
 
 def _load(file: str) -> Policy:
-    return default_policy() if file == "default" else load_policy(file)
+    if file == "default":
+        return default_policy()
+    if not os.path.lexists(file):
+        raise NotFoundError(f"policy file {file!r} does not exist")
+    return load_policy(file)
 
 
 @app.command("check")
@@ -36,11 +41,11 @@ def check(file: str = typer.Argument(..., help="a policy file, or 'default'"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the decision for OP on PATH and the rules tried."""
     if op not in OPS:
-        raise UserError(f"unknown operation {op!r} (one of {', '.join(sorted(OPS))})")
+        raise UsageError(f"unknown operation {op!r} (one of {', '.join(sorted(OPS))})")
     policy = _load(file)
     if pid:
         if not Path(f"/proc/{pid}").exists():
-            raise UserError(f"no process {pid}")
+            raise NotFoundError(f"no process {pid}")
         caller = Caller(pid=pid, exe=exe or exe_of(pid), comm=comm or comm_of(pid),
                         uid=uid if uid >= 0 else Path(f"/proc/{pid}").stat().st_uid,
                         ancestors=ancestors_of(pid), env=environ_of(pid), branch=branch,
@@ -68,7 +73,7 @@ def lint(file: str = typer.Argument(..., help="a policy file, or 'default'")) ->
         typer.echo(f"{policy.source}:{rule.line}: rule {rule.id!r} never decides: "
                    f"rule {by.id!r} (line {by.line}) always matches first")
     if found:
-        raise typer.Exit(1)
+        raise UserError(f"{policy.source}: {len(found)} rule(s) never decide")
     typer.echo(f"{policy.source}: {len(policy.rules)} rules, ok (sha256 {policy.sha256[:12]})")
 
 
@@ -98,7 +103,7 @@ def test(file: str = typer.Argument(..., help="a policy file, or 'default'"),
                        f"{case['expect']}, got {got.decision} (rule {got.rule})")
     typer.echo(f"{len(table) - failures}/{len(table)} cases pass")
     if failures:
-        raise typer.Exit(1)
+        raise UserError(f"{cases}: {failures} of {len(table)} case(s) fail")
 
 
 @app.command("reload")

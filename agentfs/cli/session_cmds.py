@@ -14,7 +14,7 @@ import typer
 
 from agentfs.branches.store import MountInfo, Store
 from agentfs.cli.common import open_store
-from agentfs.errors import UserError
+from agentfs.errors import MountError, UsageError, UserError
 from agentfs.mount import control
 from agentfs.policy.loader import load_policy
 
@@ -27,12 +27,12 @@ def per_process_mount(store: Store, mountpoint: Path | None) -> MountInfo:
         want = os.path.abspath(mountpoint)
         mounts = [m for m in mounts if m.mountpoint == want]
         if not mounts:
-            raise UserError(f"{want} is not a per-process agentfs mount of this store")
+            raise MountError(f"{want} is not a per-process agentfs mount of this store")
     if not mounts:
-        raise UserError("no per-process mount of this store; start one with "
+        raise MountError("no per-process mount of this store; start one with "
                         "`agentfs mount MOUNTPOINT --per-process`")
     if len(mounts) > 1:
-        raise UserError("several per-process mounts; choose one with --mount")
+        raise UsageError("several per-process mounts; choose one with --mount")
     return mounts[0]
 
 
@@ -44,7 +44,7 @@ def bind_pid(store_root: Path, mount: MountInfo, pid: int, branch: str,
     try:
         reply = control.request(control.socket_path(store_root, mount.pid), message)
     except OSError as exc:
-        raise UserError(f"cannot reach the daemon of {mount.mountpoint}: {exc}") from None
+        raise MountError(f"cannot reach the daemon of {mount.mountpoint}: {exc}") from None
     if not reply.get("ok"):
         raise UserError(f"bind refused: {reply.get('error')}")
 

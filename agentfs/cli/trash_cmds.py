@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agentfs.cli.common import open_store, print_json
-from agentfs.errors import UserError
+from agentfs.errors import MountError, NotFoundError, UsageError, UserError
 from agentfs.mount import control
 from agentfs.mount.view import open_branch_view
 from agentfs.trash.service import Trash
@@ -84,7 +84,7 @@ def restore(ctx: typer.Context, item_id: str = typer.Argument(..., metavar="ID")
                                         {"op": "trash_restore", "branch": item.branch,
                                          "id": item.id, "to": to, "force": force})
             except OSError as exc:
-                raise UserError(f"cannot reach the daemon of {m.mountpoint}: {exc}") from None
+                raise MountError(f"cannot reach the daemon of {m.mountpoint}: {exc}") from None
             if not reply.get("ok"):
                 raise UserError(str(reply.get("error")))
             _report(reply)
@@ -141,9 +141,9 @@ def _get(trash: Trash, item_id: str) -> Any:
     try:
         return trash.area.get(item_id)
     except KeyError:
-        raise UserError(f"no trash entry {item_id!r} (see `agentfs trash list`)") from None
+        raise NotFoundError(f"no trash entry {item_id!r} (see `agentfs trash list`)") from None
     except ValueError as exc:
-        raise UserError(str(exc)) from None
+        raise UsageError(str(exc)) from None
 
 
 def _source(entry: dict[str, Any]) -> str:

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import logging
 import os
+import re
 import select
 import shutil
+import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agentfs.branches.store import Store, load_registry, mounted_paths
-from agentfs.errors import UserError
+from sqlalchemy.exc import SQLAlchemyError
+
+from agentfs.branches.store import Store, load_registry, mounted_paths, require_utf8_path
+from agentfs.errors import MountError, NotFoundError, UsageError, UserError
 from agentfs.policy.loader import load_policy
 from agentfs.proc import running
 
+log = logging.getLogger(__name__)
+
 READY_TIMEOUT = 30.0
+DEAD_PROBE_TIMEOUT = 10.0
 EXIT_TIMEOUT = 30.0
 
 
@@ -39,7 +50,7 @@ def choose_impl(impl: str | None, per_process: bool = False) -> str:
     if per_process and not impl and linux and chosen in PINNED_ONLY:
         chosen = "pyfuse3"
     if chosen not in IMPLS:
-        raise UserError(f"unknown FUSE front end {chosen!r} "
+        raise UsageError(f"unknown FUSE front end {chosen!r} "
                         f"(choose {', '.join(IMPLS[:-1])} or {IMPLS[-1]})")
     return chosen
 
@@ -47,28 +58,123 @@ def choose_impl(impl: str | None, per_process: bool = False) -> str:
 def check_fuse() -> None:
     """Fail with one clear line if this machine cannot mount FUSE filesystems."""
     if not os.path.exists("/dev/fuse"):
-        raise UserError("FUSE is unavailable: /dev/fuse does not exist "
+        raise MountError("FUSE is unavailable: /dev/fuse does not exist "
                         "(load the fuse module or run with --device /dev/fuse)")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise UserError("FUSE is unavailable: no permission to open /dev/fuse")
+        raise MountError("FUSE is unavailable: no permission to open /dev/fuse")
     if shutil.which("fusermount3") is None:
-        raise UserError("FUSE is unavailable: fusermount3 not found (apt install fuse3)")
+        raise MountError("FUSE is unavailable: fusermount3 not found (apt install fuse3)")
 
 
-def check_mountpoint(mountpoint: Path) -> str:
-    if os.path.abspath(mountpoint) in mounted_paths():
-        raise UserError(f"mountpoint {os.path.abspath(mountpoint)} is busy: something is already "
-                        "mounted there (a dead mount? `agentfs umount` it)")
-    if not mountpoint.exists():
-        raise UserError(f"mountpoint {mountpoint} does not exist")
-    if not mountpoint.is_dir():
-        raise UserError(f"mountpoint {mountpoint} is not a directory")
+def check_mountpoint(mountpoint: Path, store: Store | None = None) -> str:
+    """The mountpoint as an absolute path, once it is an empty directory with nothing
+    mounted on it.  A dead FUSE mount there (its daemon was killed: every access says
+    ENOTCONN) is unmounted and forgotten first."""
+    require_utf8_path(mountpoint, "mountpoint")
+    given = os.path.abspath(mountpoint)
+    if given in mounted_paths() and not clean_dead_mount(given, store):
+        raise MountError(f"mountpoint {given} is busy: something is already mounted there")
+    try:
+        st = os.stat(mountpoint)
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFoundError(f"mountpoint {mountpoint} does not exist") from None
+    except OSError as exc:
+        raise MountError(f"mountpoint {_short(given)} cannot be used: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
     path = str(mountpoint.resolve())
-    if path in mounted_paths():
-        raise UserError(f"mountpoint {path} is busy: something is already mounted there")
-    if any(mountpoint.iterdir()):
-        raise UserError(f"mountpoint {path} is not empty")
+    require_utf8_path(path, "mountpoint")
+    if path in mounted_paths() and not clean_dead_mount(path, store):
+        raise MountError(f"mountpoint {path} is busy: something is already mounted there")
+    try:
+        with os.scandir(path) as it:
+            empty = next(it, None) is None
+    except OSError as exc:
+        raise MountError(f"mountpoint {path} cannot be listed: {exc.strerror}") from None
+    if not empty:
+        raise MountError(f"mountpoint {path} is not empty")
     return path
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def mount_type(path: str) -> str:
+    """The filesystem type of the mount at *path* (the topmost), e.g. fuse.agentfs."""
+    found = ""
+    with open("/proc/self/mounts", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2:
+                raw = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]),
+                             fields[1])
+                if os.fsdecode(raw) == path:
+                    found = os.fsdecode(fields[2])
+    return found
+
+
+def is_dead_mount(path: str) -> bool:
+    """*path* is mounted, but the filesystem there no longer answers: a FUSE mount
+    whose daemon died ("Transport endpoint is not connected").  statfs always goes to
+    the daemon (stat may be answered from the kernel's attribute cache); it runs in a
+    thread, so a live daemon that is merely slow makes this False, not a hang."""
+    if path not in mounted_paths() or not mount_type(path).startswith("fuse"):
+        return False
+    outcome: list[int] = []
+
+    def probe() -> None:
+        try:
+            os.statvfs(path)
+            outcome.append(0)
+        except OSError as exc:
+            outcome.append(exc.errno or 0)
+
+    thread = threading.Thread(target=probe, name="dead-mount-probe", daemon=True)
+    thread.start()
+    thread.join(DEAD_PROBE_TIMEOUT)
+    return bool(outcome) and outcome[0] in (errno.ENOTCONN, errno.ECONNABORTED)
+
+
+def clean_dead_mount(path: str, store: Store | None = None) -> bool:
+    """If *path* is a dead mount: detach it (fusermount3 -uz, else umount -l), drop the
+    mount rows that name it, and return True.  False if *path* is alive."""
+    if not is_dead_mount(path):
+        return False
+    log.info("%s is a dead mount (its daemon is gone); detaching it", path)
+    errors = []
+    for cmd in (["fusermount3", "-uz", path], ["umount", "-l", path]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired:
+            errors.append(f"{cmd[0]} timed out")
+            continue
+        if path not in mounted_paths():
+            break
+        errors.append(res.stderr.strip() or f"{cmd[0]} failed")
+    if path in mounted_paths():
+        raise MountError(f"{path} is a dead mount that could not be detached: "
+                         f"{'; '.join(errors) or 'no fusermount3 or umount'}")
+    forget_mount(path, store)
+    return True
+
+
+def forget_mount(path: str, store: Store | None) -> None:
+    """Remove the rows of a mount that is gone, in *store* and every registered store."""
+    roots = {store.root} if store is not None else set()
+    roots |= {Path(r) for r in load_registry().values()}
+    for root in roots:
+        if store is not None and root == store.root:
+            store.remove_mount(path)
+            continue
+        with contextlib.suppress(UserError, OSError, sqlite3.Error, SQLAlchemyError):
+            other = Store(root)
+            try:
+                other.remove_mount(path)
+            finally:
+                other.close()
 
 
 def daemon_args(branch: str | None, per_process: bool, default_branch: str | None,
@@ -98,11 +204,11 @@ def check_mode(store: Store, branch: str | None, per_process: bool,
                default_branch: str | None, deny_unbound: bool) -> None:
     """The mode options make sense together, and the branches they name exist."""
     if per_process == (branch is not None):
-        raise UserError("give either --branch NAME (one branch) or --per-process")
+        raise UsageError("give either --branch NAME (one branch) or --per-process")
     if not per_process and (default_branch or deny_unbound):
-        raise UserError("--default-branch and --deny-unbound need --per-process")
+        raise UsageError("--default-branch and --deny-unbound need --per-process")
     if default_branch and deny_unbound:
-        raise UserError("--default-branch and --deny-unbound exclude each other")
+        raise UsageError("--default-branch and --deny-unbound exclude each other")
     for name in filter(None, [branch, default_branch]):
         store.branch(name)  # unknown branch -> UserError before anything starts
 
@@ -116,7 +222,7 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
     if policy:
         load_policy(policy)  # a bad file is the user's error, reported before mounting
     check_fuse()
-    path = check_mountpoint(mountpoint)
+    path = check_mountpoint(mountpoint, store)
     prune_logs(store.root / "run")
     log_path = store.root / "run" / f"mount-{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}.log"
     r, w = os.pipe()
@@ -138,7 +244,9 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
             proc.kill()
         proc.wait(timeout=10)
         reason = message[4:] if message.startswith("ERR ") else _tail(log_path)
-        raise UserError(reason or f"mount failed (see {log_path})")
+        if message.startswith("ERR ") and not reason.startswith("could not mount"):
+            raise UserError(reason)  # the daemon refused: a branch in use, a bad policy
+        raise MountError(reason or f"mount failed (see {log_path})")
     return proc.pid
 
 
@@ -203,13 +311,21 @@ def find_mount_pid(mountpoint: str, store: Store | None) -> int | None:
     return None
 
 
-def unmount(mountpoint: Path, store: Store | None = None, lazy: bool = False) -> None:
-    """Flush, unmount, and wait for the daemon to exit."""
+def unmount(mountpoint: Path, store: Store | None = None, lazy: bool = False) -> str:
+    """Flush, unmount, and wait for the daemon to exit; a dead mount (its daemon was
+    killed) is detached and forgotten.  Returns what was done, for the user."""
     path = os.path.abspath(mountpoint.expanduser())
     with contextlib.suppress(OSError):  # a dead mount cannot be resolved; keep it as given
         path = str(mountpoint.expanduser().resolve(strict=True))
     if path not in mounted_paths():
-        raise UserError(f"{path} is not mounted")
+        forget_mount(path, store)  # a row left by a daemon that died after unmounting
+        raise MountError(f"{path} is not mounted")
+    fstype = mount_type(path)
+    if not fstype.startswith("fuse"):
+        raise MountError(f"could not unmount {path}: it is not a FUSE mount ({fstype}); "
+                         "agentfs unmounts only FUSE mounts")
+    if clean_dead_mount(path, store):
+        return f"detached the dead mount at {path} (its daemon had died)"
     pid = find_mount_pid(path, store)
     with contextlib.suppress(OSError):
         _syncfs(path)
@@ -218,10 +334,12 @@ def unmount(mountpoint: Path, store: Store | None = None, lazy: bool = False) ->
     if res.returncode != 0:
         err = res.stderr.strip()
         if "busy" in err.lower():
-            raise UserError(f"{path} is busy (a process is using it); close it or use --lazy")
-        raise UserError(f"could not unmount {path}: {err or 'fusermount3 failed'}")
+            raise MountError(f"{path} is busy (a process is using it); close it or use "
+                             "--lazy")
+        raise MountError(f"could not unmount {path}: {err or 'fusermount3 failed'}")
     if pid is not None:
         _wait_exit(pid)
+    return f"unmounted {path}"
 
 
 def _wait_exit(pid: int) -> None:
@@ -233,7 +351,7 @@ def _wait_exit(pid: int) -> None:
         if not running(pid):
             return
         time.sleep(0.02)
-    raise UserError(f"daemon {pid} did not exit within {EXIT_TIMEOUT:.0f} s after unmount")
+    raise MountError(f"daemon {pid} did not exit within {EXIT_TIMEOUT:.0f} s after unmount")
 
 
 def fork_branch(store: Store, name: str, from_branch: str | None) -> None:

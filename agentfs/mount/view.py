@@ -6,7 +6,7 @@ import os
 
 from agentfs.branches.locks import hold_branch
 from agentfs.branches.store import Store
-from agentfs.errors import UserError
+from agentfs.errors import StoreError
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.layers import Layer
 
@@ -15,7 +15,7 @@ def open_branch_layers(store: Store, branch: str) -> list[Layer]:
     """The branch's stack, top first, base last."""
     info = store.branch(branch)
     if not store.base.is_dir():
-        raise UserError(f"base directory {store.base} is missing")
+        raise StoreError(f"the base directory {store.base} of store {store.root} is missing")
     layers = [Layer.open_store_layer(lid, str(store.layer_dir(lid))) for lid in info.layer_stack]
     layers.append(Layer.open_base(str(store.base), store.hidden_in_base()))
     return layers

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from agentfs.branches.locks import branch_held
 from agentfs.branches.schema import BranchRow, CommitRow, LayerRow
 from agentfs.branches.store import BranchInfo, Store
-from agentfs.errors import UserError
+from agentfs.errors import NotFoundError, UserError
 
 
 def discard_branch(store: Store, name: str, *, purge: bool = False,
@@ -92,7 +92,7 @@ def restore_branch(store: Store, trash_id: str, new_name: str | None = None) -> 
     folder = store.root / "trash" / trash_id
     manifest = folder / "manifest.json"
     if "/" in trash_id or not manifest.is_file():
-        raise UserError(f"no discarded branch {trash_id!r} in the trash "
+        raise NotFoundError(f"no discarded branch {trash_id!r} in the trash "
                         "(see `agentfs branch list --discarded`)")
     data = json.loads(manifest.read_text())
     name = new_name or str(data["name"])
