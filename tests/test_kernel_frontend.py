@@ -144,3 +144,19 @@ def test_writes_by_other_users_drop_set_uid(tmp_path: Path) -> None:
             assert stat.S_IMODE(f.stat().st_mode) == 0o6777
     finally:
         shutil.rmtree(world, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="raising a mount's readahead needs root")
+def test_readahead_window_is_one_mebibyte(tmp_path: Path) -> None:
+    """The window is raised after INIT (whose reply would reset it), so a cold
+    sequential read arrives in 1 MiB requests instead of 128 KiB ones."""
+    from agentfs.mount.tuning import READAHEAD_KIB, mount_device
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "big").write_bytes(os.urandom(4 << 20))
+    with mounted_branch(base, tmp_path, "b", impl="kernel") as mb:
+        device = mount_device(str(mb.mountpoint))
+        assert device is not None and device.startswith("0:")
+        knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+        assert int(knob.read_text()) == READAHEAD_KIB
+        assert (mb.mountpoint / "big").read_bytes() == (base / "big").read_bytes()

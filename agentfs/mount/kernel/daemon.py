@@ -20,6 +20,7 @@ from agentfs.mount.background import Background
 from agentfs.mount.daemon import Daemon, MountConfig, open_daemon, raise_fd_limit
 from agentfs.mount.kernel.ops import KernelOperations
 from agentfs.mount.kernel.session import MountError, Session
+from agentfs.mount.tuning import raise_readahead
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,11 @@ def serve_kernel(config: MountConfig, ready: Callable[[str | None], None]) -> in
         daemon.close()
         store.close()
         return 1
+
+    def tune() -> None:  # after INIT: its reply resets the readahead window
+        raise_readahead(config.mountpoint)
+
+    session.after_init = tune
     background = Background(daemon, ops.engine_lock)
     try:
         store.add_mount(config.branch, config.mountpoint, os.getpid(), "pinned",

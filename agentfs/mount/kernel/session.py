@@ -85,6 +85,7 @@ class Session:
         self.table: list[Handler | None] = [None] * p.MAX_OPCODE
         self.on_interrupt: Callable[[int], None] = lambda unique: None
         self.on_init: Callable[[int], None] = lambda flags: None
+        self.after_init: Callable[[], None] = lambda: None  # once INIT's reply took effect
         self.flags = 0          # the INIT flags agreed on
         self.minor = 0
         self.mounted = False
@@ -318,6 +319,9 @@ class Session:
                     if exc.errno != errno.ENOENT:  # ENOENT: the request was interrupted
                         log.warning("FUSE reply to %s failed: %s",
                                     p.OPCODE_NAMES.get(opcode, opcode), exc)
+                else:
+                    if opcode == p.INIT:  # the kernel has applied the reply when write returns
+                        self.after_init()
 
 
 def _timed(opcode: int, handler: Handler, stats: dict[int, list[float]]) -> Handler:
