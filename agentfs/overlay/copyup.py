@@ -13,6 +13,7 @@ import errno
 import itertools
 import os
 import stat
+from collections.abc import Callable
 
 from agentfs.overlay.hostio import HostDir
 from agentfs.overlay.layers import MARKER
@@ -72,8 +73,11 @@ def copy_xattrs(src: HostDir, src_rel: str, dst: HostDir, dst_rel: str) -> None:
 
 
 def clone_object(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,
-                 dst_rel: str, with_data: bool = True) -> None:
-    """Create a copy of one non-directory object at *dst_rel* (which must not exist)."""
+                 dst_rel: str, with_data: bool = True,
+                 on_fd: Callable[[int], None] | None = None) -> None:
+    """Create a copy of one non-directory object at *dst_rel* (which must not exist).
+    A regular file gets its metadata through its fd (no path walks); *on_fd* is then
+    called with that fd, before the times are set (to add a marker, say)."""
     kind = stat.S_IFMT(st.st_mode)
     if kind == stat.S_IFREG:
         fd = dst.open(dst_rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -82,17 +86,50 @@ def clone_object(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,
                 sfd = src.open_quiet(src_rel, os.O_RDONLY)
                 try:
                     copy_data(sfd, fd, st.st_size)
+                    _copy_xattrs_fd(sfd, fd)
                 finally:
                     os.close(sfd)
+            else:
+                copy_xattrs(src, src_rel, dst, dst_rel)
+            _copy_owner_mode_fd(st, fd)
+            if on_fd is not None:
+                on_fd(fd)
+            os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
             os.close(fd)
-    elif kind == stat.S_IFLNK:
+        return
+    if kind == stat.S_IFLNK:
         dst.symlink(src.readlink(src_rel), dst_rel)
     elif kind == stat.S_IFDIR:
         dst.mkdir(dst_rel, 0o700)
     else:
         dst.mknod(dst_rel, st.st_mode, st.st_rdev)
     copy_metadata(src, src_rel, st, dst, dst_rel)
+
+
+def _copy_xattrs_fd(src_fd: int, dst_fd: int) -> None:
+    """copy_xattrs between open files."""
+    try:
+        names = os.listxattr(src_fd)
+    except OSError:
+        return
+    for name in names:
+        if name == MARKER or not name.startswith("user."):
+            continue
+        try:
+            os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
+                raise
+
+
+def _copy_owner_mode_fd(st: os.stat_result, fd: int) -> None:
+    """Owner, then mode (a chown clears set-uid bits), of a file this process just
+    created (so it owns it; no chown when the owner is already right)."""
+    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+        with contextlib.suppress(PermissionError):  # an unprivileged daemon keeps its uid
+            os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
 
 
 def copy_metadata(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,

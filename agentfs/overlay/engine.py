@@ -323,22 +323,23 @@ class Overlay:
         self._ensure_dir_on_top(parent)
         st = loc.host.lstat(loc.rel)
         ino = self._ino(path, loc, st)
-        stamp = self.base_stamp(loc, path)
+        stamp = self.base_stamp(loc, path, st)
         tmp = copyup.temp_name()
-        copyup.clone_object(loc.host, loc.rel, st, self.work, tmp, with_data)
         meta: dict[str, Any] = {"origin": ino}
         if stamp:
             meta["bst"] = stamp
-        if loc.kind == stat.S_IFREG and loc.lower_nlink > 1:
-            # every name of a hard-linked lower file must see the one copy: index it
+        indexed = loc.kind == stat.S_IFREG and loc.lower_nlink > 1
+        if indexed:  # every name of a hard-linked lower file must see the one copy
+            meta["lower_only"] = loc.lower_nlink
+        top = self.top
+        copyup.clone_object(loc.host, loc.rel, st, self.work, tmp, with_data,
+                            on_fd=lambda fd: top.set_meta_fd(fd, os.fstat(fd), meta))
+        if indexed:
             assert self.top.index is not None
-            self.top.set_meta(self.work, tmp, {**meta, "lower_only": loc.lower_nlink})
             self.work.rename_to(tmp, self.top.index, str(loc.lower_ino))
             self.top.indexed.add(loc.lower_ino)
             self._invalidate_all()  # other names now resolve to the index
         else:
-            if loc.kind in (stat.S_IFREG, stat.S_IFDIR):
-                self.top.set_meta(self.work, tmp, meta)
             with self._parent_times_kept(path):
                 self.work.rename_to(tmp, self.tree, path)
             self._invalidate(path)
@@ -346,12 +347,14 @@ class Overlay:
         self._repoint_handles(ino, new)
         return new
 
-    def base_stamp(self, loc: Loc, path: str) -> list[Any] | None:
+    def base_stamp(self, loc: Loc, path: str,
+                   st: os.stat_result | None = None) -> list[Any] | None:
         """[size, mtime_ns, path] of the base object *path* showed when the branch took it
         over (copy-up, delete, rename over it); commit compares it with the base to
-        find conflicts.  None: the branch holds no evidence about the base at *path*."""
+        find conflicts.  None: the branch holds no evidence about the base at *path*.
+        *st*: the object's lstat, when the caller has it."""
         layer = self.layers[loc.layer]
-        st = loc.host.lstat(loc.rel)
+        st = st or loc.host.lstat(loc.rel)
         if layer.is_base:
             return None if loc.is_dir else [st.st_size, st.st_mtime_ns, path]
         meta = layer.meta(loc.host, loc.rel, st)
