@@ -181,3 +181,25 @@ def test_audit_tail_follows(tmp_path: Path) -> None:
         finally:
             follower.kill()
             follower.wait(timeout=10)
+
+
+def test_request_rows_and_named_rows_land_in_the_same_columns(tmp_path: Path) -> None:
+    """emit_request builds its row positionally (no dict per request): every value
+    must come back under the column it was meant for."""
+    log = AuditLog(tmp_path, "/mnt/x")
+    try:
+        log.emit_request("s1", "br", 42, "/bin/tar", "tar xf", 1000, "create", "a/b",
+                         "c/d", "audit", "rule-1", "f" * 64, 13, 77)
+        log.emit(session="s1", branch="br", pid=42, exe="/bin/tar", cmdline="tar xf",
+                 uid=1000, op="create", path="a/b", dst="c/d", decision="audit",
+                 rule="rule-1", policy_sha256="f" * 64, errno=13, duration_us=77)
+    finally:
+        log.close()
+    first, second = list(query(tmp_path))
+    for row in (first, second):
+        assert row["mount"] == "/mnt/x" and row["count"] == 1 and row["bytes"] == 0
+    ignore = {"id", "ts_us", "seq"}
+    assert ({k: v for k, v in first.items() if k not in ignore}
+            == {k: v for k, v in second.items() if k not in ignore})
+    assert (first["pid"], first["uid"], first["errno"], first["duration_us"]) == (42, 1000, 13, 77)
+    assert (first["path"], first["dst"], first["rule"]) == ("a/b", "c/d", "rule-1")

@@ -78,6 +78,11 @@ _DEFAULTS: Final = {c.name: getattr(c.default, "arg", None) for c in events.colu
                     if c.default is not None}
 
 
+def _row(**fields: Any) -> tuple[Any, ...]:
+    """An event row in column order, defaults where *fields* has no value."""
+    return tuple(fields.get(c, _DEFAULTS.get(c)) for c in COLUMNS)
+
+
 def open_db(store_root: Path) -> Engine:
     engine = create_engine(f"sqlite:///{store_root / 'audit.db'}")
     event.listen(engine, "connect", sqlite_pragmas)
@@ -94,7 +99,7 @@ class AuditLog:
         self.mount = mount
         self.strict = strict
         self.capacity = queue_size
-        self._pending: collections.deque[dict[str, Any]] = collections.deque()
+        self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self._seq = itertools.count(1)
         self._dropped = 0
         self._dropped_lock = threading.Lock()
@@ -111,16 +116,29 @@ class AuditLog:
 
     # -- FUSE side -----------------------------------------------------------------------
     def emit(self, **fields: Any) -> None:
-        """Queue one event: an append to a deque, no lock, no wake-up of the writer
-        (which drains the queue every FLUSH_EVERY seconds)."""
+        """Queue one event given by column name (the others take their defaults)."""
+        fields.setdefault("ts_us", time.time_ns() // 1000)
+        fields["seq"] = next(self._seq)
+        fields["mount"] = self.mount
+        self._queue(_row(**fields))
+
+    def emit_request(self, session: str, branch: str, pid: int, exe: str, cmdline: str,
+                     uid: int, op: str, path: str, dst: str, decision: str, rule: str,
+                     policy_sha256: str, errno: int, duration_us: int) -> None:
+        """Queue one checked request's event: the row in column order, built without a
+        dict (this runs on the FUSE thread for every request)."""
+        self._queue((time.time_ns() // 1000, next(self._seq), self.mount, session, branch,
+                     pid, exe, cmdline, uid, op, path, dst, decision, rule, policy_sha256,
+                     errno, 1, 0, duration_us))
+
+    def _queue(self, row: tuple[Any, ...]) -> None:
+        """An append to a deque, no lock, no wake-up of the writer (which drains the
+        queue every FLUSH_EVERY seconds)."""
         if len(self._pending) >= self.capacity:
             with self._dropped_lock:
                 self._dropped += 1
             return
-        fields.setdefault("ts_us", time.time_ns() // 1000)
-        fields["seq"] = next(self._seq)
-        fields["mount"] = self.mount
-        self._pending.append(fields)
+        self._pending.append(row)
 
     def refuses(self) -> bool:
         """Strict mode: operations must fail while events cannot be recorded."""
@@ -135,15 +153,14 @@ class AuditLog:
         while True:
             stopping = self._stop.wait(FLUSH_EVERY)
             while True:
-                batch: list[dict[str, Any]] = []
+                batch: list[tuple[Any, ...]] = []
                 while self._pending and len(batch) < BATCH:
                     batch.append(self._pending.popleft())
                 with self._dropped_lock:
                     dropped, self._dropped = self._dropped, 0
                 if dropped:
-                    batch.append({"ts_us": time.time_ns() // 1000, "seq": next(self._seq),
-                                  "mount": self.mount, "op": "audit_dropped",
-                                  "count": dropped})
+                    batch.append(_row(ts_us=time.time_ns() // 1000, seq=next(self._seq),
+                                      mount=self.mount, op="audit_dropped", count=dropped))
                     log.warning("audit queue overflow: %d events dropped (recorded)", dropped)
                 if not batch:
                     break
@@ -167,8 +184,7 @@ class AuditLog:
             log.error("audit log unavailable: %s", exc)
             return None
 
-    def _write(self, conn: sqlite3.Connection | None, batch: list[dict[str, Any]]) -> bool:
-        rows = [tuple(row.get(c, _DEFAULTS.get(c)) for c in COLUMNS) for row in batch]
+    def _write(self, conn: sqlite3.Connection | None, rows: list[tuple[Any, ...]]) -> bool:
         for attempt in range(3):
             try:
                 if conn is None:
@@ -186,7 +202,7 @@ class AuditLog:
                 time.sleep(0.2 * (attempt + 1))
                 conn = self._connect() if conn is None else conn
         with self._dropped_lock:
-            self._dropped += len(batch)  # recorded as dropped once the log works again
+            self._dropped += len(rows)  # recorded as dropped once the log works again
         return False
 
     def close(self) -> None:

@@ -93,12 +93,11 @@ class Recorder:
         if pending.verdict.ticket is not None:
             decision = f"ask:{pending.verdict.ticket.answer or 'none'}"
         exe, cmdline = self._proc(pending.pid)
-        self.log.emit(
-            session=pending.session, branch=self.branch, pid=pending.pid, exe=exe,
-            cmdline=cmdline, uid=pending.uid, op=pending.op, path=pending.path,
-            dst=pending.dst, decision=decision, rule=(d.rule or "") if d else "",
-            policy_sha256=pending.policy_sha256, errno=errno_value,
-            duration_us=int((time.perf_counter() - pending.started) * 1e6))
+        self.log.emit_request(
+            pending.session, self.branch, pending.pid, exe, cmdline, pending.uid,
+            pending.op, pending.path, pending.dst, decision, (d.rule or "") if d else "",
+            pending.policy_sha256, errno_value,
+            int((time.perf_counter() - pending.started) * 1e6))
 
     def handle_closed(self, io: HandleIO) -> None:
         exe, cmdline = self._proc(io.pid)

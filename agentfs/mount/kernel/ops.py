@@ -499,6 +499,10 @@ class KernelOperations:
         def then() -> bytes:
             fh = self.ov.open(path, flags)
             self.gate.opened(fh, path, pid, uid)
+            if flags & _ACCMODE != os.O_RDONLY and nodeid not in self._xattr_names:
+                # the kernel asks for security.capability before the first write
+                self._xattr_names[nodeid] = frozenset(
+                    os.fsencode(x) for x in self.ov.fh_xattrs(fh))
             if open_flags & p.OPEN_KILL_SUIDGID and self._killpriv_v2:
                 self._kill_suid_fh(fh, nodeid)
             return p.OPEN_OUT.pack(32, 0, unique, fh, p.FOPEN_KEEP_CACHE, 0)
