@@ -124,6 +124,10 @@ def test_read_only_store(tmp_path: Path, store: Path, home: Path) -> None:
             (ro / "probe").write_text("x")
         every_store_command(ro, tmp_path, home, EXIT_STORE,
                             "meta.db: Read-only file system")
+        other = tmp_path / "other-base"
+        other.mkdir()
+        fails(invoke("init", str(other), "--store", str(ro / "new"), home=home), EXIT_STORE,
+              "Read-only file system")
     res = invoke("--store", str(store), "branch", "list", home=home)
     assert (res.code, res.stdout) == (0, "b\t(from base)\n")  # the store itself is fine
 

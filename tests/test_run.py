@@ -569,7 +569,7 @@ def test_killed_run_takes_its_sandbox_and_the_next_run_cleans_up(project: Projec
 @pytest.mark.timeout(90)
 def test_errors_are_one_line(project: Project) -> None:
     res = project.run("--branch", "nope", script="true")
-    assert (res.returncode, res.stderr) == (1, "agentfs: unknown branch 'nope' (branches: "
+    assert (res.returncode, res.stderr) == (6, "agentfs: unknown branch 'nope' (branches: "
                                                "none)\n")
     res = project.run("--branch", "b")
     assert res.returncode == 2 and "Missing argument" in res.stderr
