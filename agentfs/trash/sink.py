@@ -4,7 +4,9 @@ Deletions arrive one name at a time (`rm -rf` unlinks every file, then removes t
 directories bottom-up), but a person thinks of the tree they deleted.  So each item
 is remembered by path while this view is open, and removing a directory folds the
 items below it into one tree item (their data moves into the tree's data directory),
-which restores as a whole.
+which restores as a whole.  Records go through the area's journal (see
+`agentfs.trash.area`), so a deleted file folded into its directory's tree before the
+next batch never gets a record file of its own.
 """
 
 from __future__ import annotations
