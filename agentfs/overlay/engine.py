@@ -93,7 +93,8 @@ class Overlay:
         self._fh = itertools.count(1)
         self._orphans: dict[int, str] = {}
         self._dir_nlink: dict[str, int] = {}
-        self._frozen_attrs: dict[tuple[str, int, str], Attr] = {}
+        self._frozen_attrs: dict[str | tuple[str, int, str], bytes] = {}  # Attr.packed()
+        self._base_tree = layers[-1].tree
         self._listings: dict[str, dict[str, None]] = {}  # dir path -> visible names
         self.trash: TrashHook | None = None   # None: deleted content is destroyed
         self.lock_fd: int | None = None       # the branch lock of whoever serves it
@@ -184,12 +185,17 @@ class Overlay:
         theirs are remembered (git status stats every file through readdirplus)."""
         if loc.layer == 0:
             return self._attr_uncached(path, loc)
-        key = (path, id(loc.host), loc.rel)
-        attr = self._frozen_attrs.get(key)
-        if attr is None:
-            if len(self._frozen_attrs) > 200_000:
-                self._frozen_attrs.clear()
-            attr = self._frozen_attrs[key] = self._attr_uncached(path, loc)
+        # a base object at its own path is keyed by the path alone (no tuple per key)
+        key: str | tuple[str, int, str] = (
+            path if loc.host is self._base_tree and loc.rel == path
+            else (path, id(loc.host), loc.rel))
+        packed = self._frozen_attrs.get(key)
+        if packed is not None:
+            return Attr.unpacked(packed)
+        if len(self._frozen_attrs) > 200_000:
+            self._frozen_attrs.clear()
+        attr = self._attr_uncached(path, loc)
+        self._frozen_attrs[key] = attr.packed()
         return attr
 
     def _attr_uncached(self, path: str, loc: Loc) -> Attr:
@@ -753,12 +759,15 @@ class Overlay:
         stamp = self.base_stamp(sloc, src)
         replaced_stamp = (self.base_stamp(dloc, dst) if dloc is not None and not exchange
                           else [ABSENT, ABSENT, dst] if dloc is None else None)
+        # a non-directory moving (not over a directory): only two names change
+        inos = ((self.getattr(src).ino, self.getattr(dst).ino if dloc is not None else 0)
+                if not sloc.is_dir and (dloc is None or not dloc.is_dir) else None)
         self._prepare_move(src, sloc)
         if exchange:
             assert dloc is not None
             self._prepare_move(dst, dloc)
             self.tree.rename_to(src, self.tree, dst, RENAME_EXCHANGE)
-            self._moved(src, dst, exchange=True)
+            self._moved(src, dst, True, inos)
             return
         replaced_ino = self.getattr(dst).ino if dloc is not None else 0
         if self.trash is not None and dloc is not None:
@@ -800,7 +809,7 @@ class Overlay:
                 self.top.set_meta(self.tree, dst, {**meta, "rst": replaced_stamp})
         if self.resolver.lower_exists(src):
             self.work.rename_to(self._make_whiteout(stamp), self.tree, src)
-        self._moved(src, dst, exchange=False)
+        self._moved(src, dst, False, inos)
 
     def _prepare_move(self, path: str, loc: Loc) -> None:
         """Make *path* a real top-tree object that can be renamed without losing lower data."""
@@ -820,10 +829,21 @@ class Overlay:
             meta["opaque"] = 1  # pure top dir: must not pick up lower content where it lands
             self.top.set_meta(self.tree, path, meta)
 
-    def _moved(self, src: str, dst: str, exchange: bool) -> None:
-        self._invalidate(src, subtree=True)
-        self._invalidate(dst, subtree=True)
-        self.inodes.renamed(src, dst, exchange)
+    def _moved(self, src: str, dst: str, exchange: bool,
+               inos: tuple[int, int] | None = None) -> None:
+        """Caches and inode names after a rename.  *inos*: (moved, replaced or
+        exchanged) overlay inodes when no directory was involved, so nothing below
+        either name changed: the caches of both names and their directories are
+        brought up to date instead of dropped (compileall renames every .pyc into
+        place; each rename used to empty every cached listing and walk every inode)."""
+        if inos is None:
+            self._invalidate(src, subtree=True)
+            self._invalidate(dst, subtree=True)
+            self.inodes.renamed(src, dst, exchange)
+            return
+        self._invalidate(src, dirs=False)
+        self._invalidate(dst, dirs=False)
+        self.inodes.renamed_object(src, dst, inos[0], inos[1], exchange)
 
     # --------------------------------------------------------- attributes
     def setattr(self, path: str | None, *, mode: int | None = None, uid: int | None = None,

@@ -19,6 +19,7 @@ import ctypes.util
 import errno
 import os
 import stat
+import sys
 from collections import OrderedDict
 from typing import Final
 
@@ -73,7 +74,10 @@ def split(rel: str) -> tuple[str, str]:
 
 
 def join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
+    """Interned: the same path reaches the engine in request after request (a
+    listing, then a lookup, then a getattr) and is kept by several caches; one
+    string object serves them all."""
+    return sys.intern(f"{parent}/{name}" if parent else name)
 
 
 class HostDir:

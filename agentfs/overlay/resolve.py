@@ -117,7 +117,9 @@ class Resolver:
                 if layer.is_whiteout(rel, st):
                     return None
                 own = rel
-        lower_path = join(parent.lower_path, name) if parent.lower_path is not None else None
+        lower_path = (None if parent.lower_path is None
+                      else path if parent.lower_path == parent_path  # no redirect: one string
+                      else join(parent.lower_path, name))
         if own is not None and st is not None:
             kind = stat.S_IFMT(st.st_mode)
             if kind != stat.S_IFDIR:
