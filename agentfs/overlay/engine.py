@@ -668,7 +668,11 @@ class Overlay:
         parent, _ = split(path)
         self._ensure_dir_on_top(parent)
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino)
-        self._invalidate(path, subtree=True)
+        # it was empty in the view, so every cached lookup below it already says
+        # "nothing there": no scan of every cache (rm -rf removes hundreds of dirs)
+        self._invalidate(path)
+        self._listings.pop(path, None)
+        self._dir_nlink.pop(path, None)
         self.inodes.unlinked(attr.ino, path)
 
     # --------------------------------------------------------- restoring
@@ -705,6 +709,7 @@ class Overlay:
         """Move a host object (a restored trash item) into the view at *path*."""
         self._prepare_new(path)
         self._place(path, lambda h, r: host.rename_to(rel, h, r))
+        self._invalidate(path, subtree=True)  # a restored tree: lookups below it change
         return self.getattr(path)
 
     def remove_tree(self, path: str) -> None:
