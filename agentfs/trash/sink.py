@@ -192,7 +192,7 @@ class TrashSink:
         item_id, data = self._new()
         own = describe(host, rel, "", 0, held=False)
         own["source"] = _source(layer, host, rel)
-        os.mkdir(self.area.root / data, 0o700)
+        made_data = False  # the tree's data directory, made for the first held child
         entries = [own]
         state = "final"
         folded = []
@@ -201,7 +201,11 @@ class TrashSink:
             if child is None or not self.area.exists(child_id):
                 continue  # purged meanwhile
             src = self.area.root / f"{child_id}{DATA}"
-            if os.path.lexists(src):
+            # only held content has data here (a deleted base file's stays in the base)
+            if any(e.get("held") for e in child.get("entries", ())) and os.path.lexists(src):
+                if not made_data:
+                    os.mkdir(self.area.root / data, 0o700)
+                    made_data = True
                 os.rename(src, self.area.root / data / sub)
             for entry in child.get("entries", []):
                 entries.append({**entry, "rel": join(sub, entry["rel"]) if entry["rel"] else sub})
