@@ -35,6 +35,14 @@ def v1_store(tmp_path: Path) -> tuple[Path, Path]:
     return base, store
 
 
+def execute(store: Path, statement: str) -> None:
+    """One committed statement on the store's meta.db, behind agentfs' back."""
+    conn = sqlite3.connect(store / "meta.db")
+    conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+
 def layout(db: Path) -> dict[str, object]:
     """Tables (columns with type, NOT NULL, primary key), indexes and the version."""
     conn = sqlite3.connect(db)
@@ -115,10 +123,7 @@ def test_v1_store_is_upgraded_and_usable(tmp_path: Path) -> None:
 
 def test_store_without_version_row_is_the_oldest(tmp_path: Path) -> None:
     _base, store = v1_store(tmp_path)
-    conn = sqlite3.connect(store / "meta.db")
-    conn.execute("DELETE FROM store_info WHERE key='schema_version'")
-    conn.commit()
-    conn.close()
+    execute(store, "DELETE FROM store_info WHERE key='schema_version'")
     Store(store).close()
     assert layout(store / "meta.db")["version"] == ("2",)
 
@@ -145,10 +150,7 @@ def test_failed_upgrade_changes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
 def test_newer_store_is_refused(tmp_path: Path) -> None:
     _base, store = v1_store(tmp_path)
     Store(store).close()
-    conn = sqlite3.connect(store / "meta.db")
-    conn.execute("UPDATE store_info SET value='3' WHERE key='schema_version'")
-    conn.commit()
-    conn.close()
+    execute(store, "UPDATE store_info SET value='3' WHERE key='schema_version'")
     before = (store / "meta.db").read_bytes()
     for args in (("status",), ("branch", "list"), ("branch", "diff", "feature"),
                  ("mount", str(tmp_path), "--branch", "feature")):
@@ -163,10 +165,7 @@ def test_newer_store_is_refused(tmp_path: Path) -> None:
 
 def test_unknown_old_version_is_refused(tmp_path: Path) -> None:
     _base, store = v1_store(tmp_path)
-    conn = sqlite3.connect(store / "meta.db")
-    conn.execute("UPDATE store_info SET value='0' WHERE key='schema_version'")
-    conn.commit()
-    conn.close()
+    execute(store, "UPDATE store_info SET value='0' WHERE key='schema_version'")
     res = invoke("--store", str(store), "status", home=tmp_path / "home")
     assert res.code == EXIT_STORE and "cannot upgrade" in res.stderr, res.stderr
     assert layout(store / "meta.db")["version"] == ("0",)

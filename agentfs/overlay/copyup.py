@@ -58,15 +58,22 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
 
 def copy_xattrs(src: HostDir, src_rel: str, dst: HostDir, dst_rel: str) -> None:
     """Copy user-visible xattrs (never our marker) from one object to another."""
+    _copy_user_xattrs(lambda: src.listxattr(src_rel), lambda n: src.getxattr(src_rel, n),
+                      lambda n, v: dst.setxattr(dst_rel, n, v))
+
+
+def _copy_user_xattrs(names: Callable[[], list[str]], get: Callable[[str], bytes],
+                      put: Callable[[str, bytes], None]) -> None:
+    """The one loop behind copy_xattrs, whether objects are reached by path or fd."""
     try:
-        names = src.listxattr(src_rel)
+        listed = names()
     except OSError:
         return
-    for name in names:
+    for name in listed:
         if name == MARKER or not name.startswith("user."):
             continue
         try:
-            dst.setxattr(dst_rel, name, src.getxattr(src_rel, name))
+            put(name, get(name))
         except OSError as exc:
             if exc.errno not in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
                 raise
@@ -86,11 +93,15 @@ def clone_object(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,
                 sfd = src.open_quiet(src_rel, os.O_RDONLY)
                 try:
                     copy_data(sfd, fd, st.st_size)
-                    _copy_xattrs_fd(sfd, fd)
+                    _copy_user_xattrs(lambda: os.listxattr(sfd),
+                                      lambda n: os.getxattr(sfd, n),
+                                      lambda n, v: os.setxattr(fd, n, v))
                 finally:
                     os.close(sfd)
-            else:
-                copy_xattrs(src, src_rel, dst, dst_rel)
+            else:  # nothing to read: the source by path, no open
+                _copy_user_xattrs(lambda: src.listxattr(src_rel),
+                                  lambda n: src.getxattr(src_rel, n),
+                                  lambda n, v: os.setxattr(fd, n, v))
             _copy_owner_mode_fd(st, fd)
             if on_fd is not None:
                 on_fd(fd)
@@ -105,22 +116,6 @@ def clone_object(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir,
     else:
         dst.mknod(dst_rel, st.st_mode, st.st_rdev)
     copy_metadata(src, src_rel, st, dst, dst_rel)
-
-
-def _copy_xattrs_fd(src_fd: int, dst_fd: int) -> None:
-    """copy_xattrs between open files."""
-    try:
-        names = os.listxattr(src_fd)
-    except OSError:
-        return
-    for name in names:
-        if name == MARKER or not name.startswith("user."):
-            continue
-        try:
-            os.setxattr(dst_fd, name, os.getxattr(src_fd, name))
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTSUP, errno.ENODATA, errno.EPERM):
-                raise
 
 
 def _copy_owner_mode_fd(st: os.stat_result, fd: int) -> None:

@@ -217,8 +217,8 @@ class Overlay:
     def lookup(self, path: str) -> Attr:
         """getattr that also counts a kernel reference to the inode."""
         attr = self.lookup_or_none(path)
-        if attr is None:
-            raise FsError(self._missing_errno(path), path)
+        if attr is None:  # lookup_or_none raised any other errno itself
+            raise FsError(errno.ENOENT, path)
         return attr
 
     def lookup_or_none(self, path: str) -> Attr | None:

@@ -500,9 +500,7 @@ class KernelOperations:
             fh = self.ov.open(path, flags)
             self.gate.opened(fh, path, pid, uid)
             if flags & _ACCMODE != os.O_RDONLY and nodeid not in self._xattr_names:
-                # the kernel asks for security.capability before the first write
-                self._xattr_names[nodeid] = frozenset(
-                    os.fsencode(x) for x in self.ov.fh_xattrs(fh))
+                self._remember_xattrs(nodeid, fh)
             if open_flags & p.OPEN_KILL_SUIDGID and self._killpriv_v2:
                 self._kill_suid_fh(fh, nodeid)
             return p.OPEN_OUT.pack(32, 0, unique, fh, p.FOPEN_KEEP_CACHE, 0)
@@ -531,9 +529,7 @@ class KernelOperations:
             fh, a = self.ov.create(path, flags, mode, uid, gid)
             self.gate.opened(fh, path, pid, uid)
             self.ov.inodes.remember(a.ino, path)
-            # the kernel asks for security.capability before the first write: known now
-            self._xattr_names[a.ino] = frozenset(
-                os.fsencode(x) for x in self.ov.fh_xattrs(fh))
+            self._remember_xattrs(a.ino, fh)
             t = self.timeout
             asec, ans = divmod(a.atime_ns, NS)
             msec, mns = divmod(a.mtime_ns, NS)
@@ -728,6 +724,11 @@ class KernelOperations:
 
         return self._go(self.gate.check_object(pid, uid, ["getxattr"], path), path, unique,
                         pid, then)
+
+    def _remember_xattrs(self, nodeid: int, fh: int) -> None:
+        """A file about to be written: the kernel asks for security.capability before
+        the first write, so its xattr names are read now, through the open handle."""
+        self._xattr_names[nodeid] = frozenset(os.fsencode(x) for x in self.ov.fh_xattrs(fh))
 
     def _sized(self, unique: int, size: int, value: bytes) -> Reply:
         """An xattr value or name list: its size when asked with size 0, ERANGE when it
