@@ -17,6 +17,8 @@ subclasses fix the code for a kind of problem, so a script can tell them apart:
         not mounted, the daemon did not start, stop or answer
     6   not found (EXIT_NOT_FOUND): an unknown branch, trash entry, request id,
         process, or a path given on the command line that does not exist
+    7   `agentfs fsck` found problems that remain (EXIT_DAMAGED): not repaired,
+        because --repair was not given or they need a person
     70  internal error (EXIT_INTERNAL): a bug; AGENTFS_DEBUG=1 shows the traceback
     130 interrupted (Ctrl-C)
 
@@ -35,12 +37,14 @@ EXIT_CONFLICT = 3
 EXIT_STORE = 4
 EXIT_MOUNT = 5
 EXIT_NOT_FOUND = 6
+EXIT_DAMAGED = 7
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 # every exit status the CLI itself produces (run/exec add their command's own)
 EXIT_CODES = frozenset({EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONFLICT, EXIT_STORE,
-                        EXIT_MOUNT, EXIT_NOT_FOUND, EXIT_INTERNAL, EXIT_INTERRUPTED})
+                        EXIT_MOUNT, EXIT_NOT_FOUND, EXIT_DAMAGED, EXIT_INTERNAL,
+                        EXIT_INTERRUPTED})
 
 
 class FsError(Exception):

@@ -20,6 +20,7 @@ from agentfs.cli import (
     approval_cmds,
     audit_cmds,
     branch,
+    fsck_cmd,
     mount_cmds,
     policy_cmds,
     run_cmd,
@@ -56,6 +57,7 @@ def _global(ctx: typer.Context,
 
 app.command("init")(store_cmds.init)
 app.command("status")(store_cmds.status)
+app.command("fsck")(fsck_cmd.fsck)
 app.command("mount")(mount_cmds.mount)
 app.command("umount")(mount_cmds.umount)
 app.command("exec", context_settings={"ignore_unknown_options": True})(session_cmds.exec_)
