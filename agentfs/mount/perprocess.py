@@ -8,7 +8,10 @@ keys all of those by inode.  The one thing all branches share is the root direct
 gets the caller's branch.  Below the root an inode belongs to exactly one branch, so
 its caching stays on.  Requests on inodes and handles go to the branch that owns them
 (an open file stays on the branch it was opened in, also for kernel-initiated
-requests with pid 0); only requests on the root are resolved by caller.
+requests with pid 0); only requests on the root are resolved by caller.  A request
+from a process on an inode of another branch than its own (reached without passing
+the root: /proc/<pid>/cwd, /root or /fd of a process in another session) is refused
+with EACCES.
 """
 
 from __future__ import annotations
@@ -124,7 +127,13 @@ class PerProcessOperations(pyfuse3.Operations):
             except UserError as exc:  # another daemon (or a commit) holds the branch
                 log.warning("cannot serve branch %s: %s", branch, exc)
                 raise pyfuse3.FUSEError(errno.EBUSY) from None
-        return self._slots[self.inodes.owner(inode)[0]]
+        ops = self._slots[self.inodes.owner(inode)[0]]
+        if ctx is not None and ctx.pid > 0 and self.views.get(self.branch_of_caller(ctx)) \
+                is not ops:
+            # a way into another branch's tree that does not start at the root: the
+            # cwd, root or fds of a process in another session (/proc/<pid>/cwd/...)
+            raise pyfuse3.FUSEError(errno.EACCES)
+        return ops
 
     def same(self, a: int, b: int, ctx: Any) -> AgentfsOperations:
         ops = self.by_inode(a, ctx)

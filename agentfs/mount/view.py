@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from agentfs.branches.locks import hold_branch
-from agentfs.branches.store import Store
+from agentfs.branches.store import Store, agentfs_home, load_registry
 from agentfs.errors import StoreError
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.layers import Layer
@@ -17,8 +18,27 @@ def open_branch_layers(store: Store, branch: str) -> list[Layer]:
     if not store.base.is_dir():
         raise StoreError(f"the base directory {store.base} of store {store.root} is missing")
     layers = [Layer.open_store_layer(lid, str(store.layer_dir(lid))) for lid in info.layer_stack]
-    layers.append(Layer.open_base(str(store.base), store.hidden_in_base()))
+    layers.append(Layer.open_base(str(store.base), hidden_in_base(store)))
     return layers
+
+
+def hidden_in_base(store: Store) -> frozenset[str]:
+    """What no view of *store* shows of its base: what the store hides itself (a
+    whole-root store: agentfs and every store), and agentfs' home and every registered
+    store that lie inside the base.  A project that contains the home (a home
+    directory given its own --store) would otherwise show other projects' branches,
+    trash and databases, inside `agentfs run` too, which leaves the project's paths
+    to the mount."""
+    out = set(store.hidden_in_base())
+    base = store.base.resolve()
+    for path in (agentfs_home(), *(Path(r) for r in load_registry().values())):
+        try:
+            rel = str(path.resolve().relative_to(base))
+        except ValueError:
+            continue
+        if rel != ".":
+            out.add(rel)
+    return frozenset(out)
 
 
 def open_branch_view(store: Store, branch: str, holder: str | None = None) -> Overlay:
