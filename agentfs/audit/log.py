@@ -2,11 +2,13 @@
 
 The FUSE thread only puts events on a bounded queue (`emit` never blocks and never
 does I/O); a writer thread inserts them in batches (one transaction per batch).  When
-the queue is full the event is counted, not stored, and the count itself is written
-as an `audit_dropped` event as soon as there is room: losses are on record, never
-silent.  `close` drains the queue, so a clean unmount loses nothing.  In strict mode
-the mount refuses operations while the writer is unhealthy (a failing disk) or the
-queue is full.
+the queue is full, or a batch cannot be written (a full disk), the events are
+counted, not stored, and the count itself is written as an `audit_dropped` event as
+soon as the log takes writes again: losses are on record, never silent, and never
+stop the mount (`agentfs status` shows the count of a running mount).  `close`
+drains the queue, so a clean unmount loses nothing.  In strict mode the mount
+refuses operations while the writer is unhealthy (a failing disk) or the queue is
+full.
 
 SQLite in WAL mode lets `agentfs audit` read while mounts write; several mounts of
 one store share the file (each event names its mount and carries its own sequence).
@@ -74,6 +76,8 @@ events = Table(
 Index("events_ts", events.c.ts_us)
 Index("events_path", events.c.path)
 COLUMNS: Final = [c.name for c in events.columns if c.name != "id"]
+_OP: Final = COLUMNS.index("op")
+_COUNT: Final = COLUMNS.index("count")
 _DEFAULTS: Final = {c.name: getattr(c.default, "arg", None) for c in events.columns
                     if c.default is not None}
 
@@ -81,6 +85,14 @@ _DEFAULTS: Final = {c.name: getattr(c.default, "arg", None) for c in events.colu
 def _row(**fields: Any) -> tuple[Any, ...]:
     """An event row in column order, defaults where *fields* has no value."""
     return tuple(fields.get(c, _DEFAULTS.get(c)) for c in COLUMNS)
+
+
+def _printable(value: Any) -> Any:
+    """A str with bytes that are not UTF-8 (surrogate escapes, as paths arrive) as
+    backslash escapes, which SQLite can store; anything else as it is."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
 
 
 def open_db(store_root: Path) -> Engine:
@@ -101,7 +113,8 @@ class AuditLog:
         self.capacity = queue_size
         self._pending: collections.deque[tuple[Any, ...]] = collections.deque()
         self._seq = itertools.count(1)
-        self._dropped = 0
+        self._dropped = 0        # lost events not yet recorded as an audit_dropped event
+        self.dropped_total = 0   # every event lost since the mount started
         self._dropped_lock = threading.Lock()
         self._stop = threading.Event()
         self._conn: sqlite3.Connection | None = None
@@ -137,6 +150,7 @@ class AuditLog:
         if len(self._pending) >= self.capacity:
             with self._dropped_lock:
                 self._dropped += 1
+                self.dropped_total += 1
             return
         self._pending.append(row)
 
@@ -161,7 +175,6 @@ class AuditLog:
                 if dropped:
                     batch.append(_row(ts_us=time.time_ns() // 1000, seq=next(self._seq),
                                       mount=self.mount, op="audit_dropped", count=dropped))
-                    log.warning("audit queue overflow: %d events dropped (recorded)", dropped)
                 if not batch:
                     break
                 if self._conn is None:
@@ -169,6 +182,9 @@ class AuditLog:
                 if not self._write(self._conn, batch):
                     self._conn = None
                     break
+                if dropped:
+                    log.warning("audit: %d events were dropped (recorded as audit_dropped)",
+                                dropped)
             if stopping:
                 break
         if self._conn is not None:
@@ -189,21 +205,40 @@ class AuditLog:
             try:
                 if conn is None:
                     raise sqlite3.OperationalError("no connection to the audit log")
-                with conn:
-                    conn.executemany(self._sql, rows)
+                try:
+                    with conn:
+                        conn.executemany(self._sql, rows)
+                except UnicodeEncodeError:  # a name that is not UTF-8: stored escaped
+                    rows = [tuple(_printable(v) for v in row) for row in rows]
+                    with conn:
+                        conn.executemany(self._sql, rows)
                 self.written += len(rows)
                 if not self.healthy:
                     log.info("audit log writable again")
                 self.healthy, self.last_error = True, ""
                 return True
-            except sqlite3.Error as exc:  # a full disk, a locked database, ...
+            except Exception as exc:  # a full disk, a locked database, ...: never fatal
+                if not isinstance(exc, sqlite3.Error):
+                    log.exception("audit write failed")
+                if self.healthy:  # once per outage, not once per batch (the log may
+                    log.error("audit write failed: %s", exc)  # be on the full disk too)
                 self.healthy, self.last_error = False, f"{type(exc).__name__}: {exc}"
-                log.error("audit write failed (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.2 * (attempt + 1))
                 conn = self._connect() if conn is None else conn
+        # the batch is lost: counted, and recorded as an audit_dropped event once the
+        # log works again (a marker of earlier losses carries their count forward)
+        lost = sum(row[_COUNT] if row[_OP] == "audit_dropped" else 1 for row in rows)
         with self._dropped_lock:
-            self._dropped += len(rows)  # recorded as dropped once the log works again
+            self._dropped += lost
+            self.dropped_total += sum(1 for row in rows if row[_OP] != "audit_dropped")
         return False
+
+    def stats(self) -> dict[str, Any]:
+        """For `agentfs status`: events written, dropped (queue overflow or a failing
+        disk), waiting, and whether the log is writable."""
+        return {"written": self.written, "dropped": self.dropped_total,
+                "queued": len(self._pending), "healthy": self.healthy,
+                "last_error": self.last_error}
 
     def close(self) -> None:
         """Write everything queued, then stop."""

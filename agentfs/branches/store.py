@@ -474,9 +474,21 @@ def open_schema(root: Path, db: Path) -> str:
                                  "unchanged") from None
         return base
     except sqlite3.DatabaseError as exc:
+        if _no_space(root):  # SQLite says "disk I/O error" when it cannot grow its -shm
+            raise StoreError(f"store {root}: no space left on its filesystem ({exc}); "
+                             "free some (what was deleted in a branch is kept until "
+                             "`agentfs trash purge`)") from None
         raise StoreError(f"store {root}: meta.db is unreadable ({exc})") from None
     finally:
         conn.close()
+
+
+def _no_space(root: Path) -> bool:
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
 
 
 def _read_version(root: Path, conn: sqlite3.Connection) -> tuple[int, str]:

@@ -114,14 +114,40 @@ def purge(ctx: typer.Context,
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Delete entries for good: by age, then oldest first down to a size (without
     limits: the store's retention settings)."""
-    gone = Trash(open_store(ctx)).purge(older_than, max_size, dry_run)
+    store = open_store(ctx)
+    trash = Trash(store)
+    trash.purge(older_than, max_size, True)  # the limits are checked before any daemon sees them
+    # a running mount's daemon purges: besides the item files it sees what only its
+    # memory holds (records it could not write yet, on a full disk), which would look
+    # like data without a record from here
+    gone: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    answered = False
+    for m in store.mounts():
+        try:
+            reply = control.request(control.socket_path(store.root, m.pid),
+                                    {"op": "trash_purge", "older_than": older_than,
+                                     "max_size": max_size, "dry_run": dry_run}, timeout=60)
+        except OSError:
+            continue  # gone meanwhile
+        if not reply.get("ok"):
+            raise UserError(f"the daemon of {m.mountpoint}: {reply.get('error')}")
+        answered = True
+        for i in reply.get("purged", []):
+            if i.get("id") not in seen:
+                seen.add(i.get("id"))
+                gone.append(i)
+    if not answered:
+        gone = [i.public() for i in trash.purge(older_than, max_size, dry_run)]
     if as_json:
-        print_json({"dry_run": dry_run, "purged": [i.public() for i in gone]})
+        print_json({"dry_run": dry_run, "purged": gone})
         return
     verb = "would purge" if dry_run else "purged"
     for i in gone:
-        typer.echo(f"{verb} {i.id} {i.branch}:{i.path} ({format_size(i.held_bytes)})")
-    typer.echo(f"{verb} {len(gone)} entries, {format_size(sum(i.held_bytes for i in gone))}")
+        typer.echo(f"{verb} {i['id']} {i.get('branch')}:{i.get('path')} "
+                   f"({format_size(i.get('held_bytes') or 0)})")
+    typer.echo(f"{verb} {len(gone)} entries, "
+               f"{format_size(sum(i.get('held_bytes') or 0 for i in gone))}")
 
 
 @app.command("retention")

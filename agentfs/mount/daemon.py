@@ -236,6 +236,12 @@ class Daemon:
             except ValueError as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True, "id": ticket.id}
+        if op == "audit":  # for `agentfs status`
+            return {"ok": True, "audit": None if self.audit is None else self.audit.stats()}
+        if op == "trash_purge":  # items only this daemon's memory holds go too
+            gone = self.trash.purge(req.get("older_than"), req.get("max_size"),
+                                    bool(req.get("dry_run")))
+            return {"ok": True, "purged": [i.public() for i in gone]}
         if op == "trash_restore":
             return self._restore(str(req["branch"]), str(req["id"]), req.get("to"),
                                  bool(req.get("force")), peer_pid)
@@ -389,6 +395,10 @@ def raise_fd_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the engine resolves a path one component per call level (twice over, with the
+    # layer below): a tree 1,000 levels deep, or a path near PATH_MAX (up to 2,048
+    # components), needs more than Python's default 1,000 frames
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20_000))
     parser = argparse.ArgumentParser(prog="agentfs-daemon")
     parser.add_argument("--store", required=True)
     parser.add_argument("--branch")

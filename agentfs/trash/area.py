@@ -133,7 +133,7 @@ class TrashItem:
                 "kind": m.get("kind"), "size": m.get("size"), "entries": len(m.get("entries", [])),
                 "deleted_at": m.get("deleted_at"), "reason": m.get("reason"),
                 "pid": m.get("pid"), "exe": m.get("exe"), "state": m.get("state"),
-                "sha256": (m.get("entries") or [{}])[0].get("sha256")
+                "held_bytes": self.held_bytes, "sha256": (m.get("entries") or [{}])[0].get("sha256")
                 if m.get("kind") != "tree" else None}
 
 
@@ -245,8 +245,18 @@ class TrashArea:
             except OSError as exc:  # the journal cannot take it: write files now
                 log.warning("trash journal %s: %s; writing records directly",
                             self.journal_name, exc)
-                self._write_file(item_id, meta)
-                self._flush_locked()
+                try:
+                    self._write_file(item_id, meta)
+                except OSError as exc:
+                    # a full disk must not make the deletion fail (it has happened):
+                    # the record waits in memory and a later flush writes it
+                    log.warning("trash: cannot record %s (%s); kept in memory until "
+                                "it can be written", item_id, exc)
+                    if not self._pending:
+                        self._pending_since = time.monotonic()
+                    self._pending[item_id] = meta
+                else:
+                    self._flush_locked()
             else:
                 if not self._pending:
                     self._pending_since = time.monotonic()
@@ -269,7 +279,13 @@ class TrashArea:
                 else:
                     self._pending[item_id] = meta
                 return
-            self._write_file(item_id, meta)
+            try:
+                self._write_file(item_id, meta)
+            except OSError as exc:  # a full disk: written by a later flush
+                log.warning("trash: cannot update %s (%s); kept in memory", item_id, exc)
+                if not self._pending:
+                    self._pending_since = time.monotonic()
+                self._pending[item_id] = meta
 
     def flush(self, older_than: float | None = None) -> int:
         """Write pending records as item files (all, or only if the oldest is older than
@@ -314,13 +330,18 @@ class TrashArea:
         tmp = self.root / f"{item_id}{META}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            data = json.dumps(meta).encode()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.root / f"{item_id}{META}")
+            try:
+                data = json.dumps(meta).encode()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.root / f"{item_id}{META}")
+        except OSError:  # a full disk: no half-written temp file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     # -- other writers' journals -----------------------------------------------------------
     def _journals(self) -> list[tuple[str, int, int]]:
