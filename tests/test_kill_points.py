@@ -1,9 +1,10 @@
 """SIGKILL of the daemon in the middle of heavy writes, at many points.
 
-A writer process creates files, appends to base files (copy-up of files of 128 KiB-1 MiB),
+A writer process creates files, appends to base files (copy-up of files of 128 KiB-12 MiB),
 replaces files by rename and deletes them, and logs (outside the mount, after each
 step returns) what it made durable: fsynced content, and the start and end of each
-rename and unlink.  The daemon is killed after a different delay each round.  Then:
+rename and unlink.  The daemon is killed after a different delay each round (every
+third round a few milliseconds into the copy-up of a 12 MiB base file).  Then:
 fsck finds only what a kill may leave (staging, a dead writer's trash journal, ...)
 and --repair fixes it, or the next mount copes on its own (alternate rounds);
 `agentfs umount` / `agentfs mount` handle the dead mount without manual steps; and
@@ -14,6 +15,7 @@ new, never neither, and no staging name is visible.  `pytest -s` prints the coun
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -53,7 +55,8 @@ def write_all(fd, data):
     while view:
         view = view[os.write(fd, view):]
 mine = []          # files this run fsynced and may delete
-fresh = [p for p in base_files if p.startswith(f"b/r{rnd % 12:02d}")]  # copy-ups
+fresh = sorted((p for p in base_files if p.startswith(f"b/r{rnd % 12:02d}")),
+               key=lambda p: os.stat(os.path.join(mnt, p)).st_size)  # copy-ups, big last
 k = 0
 try:
     for d in ("n", "r"):
@@ -73,6 +76,7 @@ try:
             mine.append(path)
         elif op == "append":
             path = fresh.pop() if fresh else rng.choice(base_files)
+            note(op="open-append", path=path)  # a copy-up is about to start (the first time)
             fd = os.open(os.path.join(mnt, path), os.O_WRONLY | os.O_APPEND)
             write_all(fd, rng.randbytes(rng.choice([10, 5000, 200_000])))
             if rng.random() < 0.5:
@@ -114,6 +118,7 @@ class Model:
         self.exact: dict[str, str | None] = {}       # path -> sha (None: must not exist)
         self.prefix: dict[str, tuple[int, str]] = {}  # appended base file -> fsynced prefix
         self.either: dict[str, tuple[str | None, str | None]] = {}  # in flight: old or new
+        self.touched: set[str] = set()  # base files opened for appending since the last check
         self.ops = 0
 
     def read_log(self, log: Path) -> None:
@@ -123,7 +128,9 @@ class Model:
             rec = json.loads(line)
             op, path = rec["op"], rec.get("path", "")
             self.ops += op != "stopped"
-            if op == "sync":
+            if op == "open-append":
+                self.touched.add(path)
+            elif op == "sync":
                 self.exact[path] = rec["sha"]
             elif op == "append-sync":
                 self.prefix[path] = (rec["size"], rec["sha"])
@@ -149,6 +156,10 @@ class Model:
             self.exact[path] = got
             del self.either[path]
         for path in self.base_files:
+            if path not in self.touched and path not in self.prefix:
+                # untouched: as in the base (a stat, not a read of every file each round)
+                assert (mnt / path).stat().st_size >= (self.base / path).stat().st_size, path
+                continue
             data = (mnt / path).read_bytes()
             original = (self.base / path).read_bytes()
             assert data[:len(original)] == original, f"{path}: a truncated or torn copy-up"
@@ -156,6 +167,7 @@ class Model:
                 size, want = self.prefix[path]
                 assert hashlib.sha256(data[:size]).hexdigest() == want, \
                     f"{path}: fsynced appends lost"
+        self.touched.clear()
         for dirpath, dirs, files in os.walk(mnt):
             for name in dirs + files:
                 assert not name.startswith("tmp."), f"staging visible: {dirpath}/{name}"
@@ -181,9 +193,19 @@ def make_base(base: Path, rng: random.Random) -> list[str]:
     for i in range(BASE_FILES):
         rel = f"b/r{i % 12:02d}/f{i}.txt"
         (base / rel).parent.mkdir(parents=True, exist_ok=True)
-        (base / rel).write_bytes(rng.randbytes(rng.choice([1, 4, 8]) << 17))
+        size = 12 << 20 if i < 12 else rng.choice([1, 4, 8]) << 17  # one big file a dir
+        (base / rel).write_bytes(rng.randbytes(size))
         files.append(rel)
     return files
+
+
+def wait_for_line(log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if text in log.read_text():
+                return
+        time.sleep(0.002)
 
 
 def kill_now(mb: MountedBranch, writer: subprocess.Popen[bytes]) -> None:
@@ -242,7 +264,11 @@ def run_kill_points(tmp_path: Path, rounds: int, seed: int) -> None:
                                        str(log), str(seed * 1000 + rnd), str(rnd),
                                        json.dumps(base_files)])
             try:
-                time.sleep(0.05 + (rnd * 0.37) % 1.2)  # 0.05 .. 1.25 s, spread over rounds
+                if rnd % 3 == 1:  # aimed: a few ms into the round's first copy-up
+                    wait_for_line(log, '"op": "open-append"', 10)
+                    time.sleep(rng.uniform(0, 0.015))  # the copy-up takes ~20 ms
+                else:
+                    time.sleep(0.05 + (rnd * 0.37) % 1.2)  # 0.05 .. 1.25 s, spread out
                 kill_now(mb, writer)
             finally:
                 if writer.poll() is None:
