@@ -32,6 +32,7 @@ _SYS_RENAMEAT2: Final = 316 if os.uname().machine == "x86_64" else 276
 RENAME_NOREPLACE: Final = 1
 RENAME_EXCHANGE: Final = 2
 _DIR_CACHE_SIZE: Final = 256
+_LONG_PATH: Final = 4000  # bytes; PATH_MAX is 4096 with the NUL
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -116,14 +117,27 @@ class HostDir:
         return fd
 
     def _open_dir(self, rel_dir: str) -> int:
+        raw = os.fsencode(rel_dir)
+        if len(raw) >= _LONG_PATH:
+            # too long for one system call (PATH_MAX): the rest from the (cached) fd of
+            # a prefix, which is itself beneath the root; a tree reached through
+            # directory fds may go deeper than PATH_MAX, and so may a layer's copy
+            cut = raw.find(b"/", len(raw) - _LONG_PATH // 2)
+            if cut > 0:
+                return self._open_dir_at(self.dirfd(os.fsdecode(raw[:cut])),
+                                         os.fsdecode(raw[cut + 1:]))
+        return self._open_dir_at(self.fd, rel_dir)
+
+    @staticmethod
+    def _open_dir_at(root: int, rel_dir: str) -> int:
         flags = (O_PATH or os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW
         if _have_openat2:
             try:
-                return _openat2(self.fd, rel_dir, flags)
+                return _openat2(root, rel_dir, flags)
             except OSError as exc:
                 if exc.errno != errno.ENOSYS:
                     raise
-        fd = os.dup(self.fd)
+        fd = os.dup(root)
         try:
             for part in rel_dir.split("/"):
                 nfd = os.open(part, flags | os.O_CLOEXEC, dir_fd=fd)
