@@ -55,10 +55,10 @@ def write_all(fd, data):
     while view:
         view = view[os.write(fd, view):]
 mine = []          # files this run fsynced and may delete
-fresh = sorted((p for p in base_files if p.startswith(f"b/r{rnd % 12:02d}")),
-               key=lambda p: os.stat(os.path.join(mnt, p)).st_size)  # copy-ups, big last
 k = 0
 try:
+    fresh = sorted((p for p in base_files if p.startswith(f"b/r{rnd % 12:02d}")),
+                   key=lambda p: os.stat(os.path.join(mnt, p)).st_size)  # copy-ups, big last
     for d in ("n", "r"):
         os.makedirs(os.path.join(mnt, d), exist_ok=True)
     while True:
