@@ -2080,3 +2080,35 @@ class CopyUpPreservesMetadata(Case):
         )
         assert fs.getxattr("f", "user.k") == b"v"
         assert fs.read_file("f") == b"012345678X"
+
+
+@register
+class ReusedInodeNumbers(Case):
+    """A directory removed while a program still has it open, then new directories: the
+    host filesystem tends to give a new directory the freed inode number, and the view
+    must present it as a new object (a FUSE front end that announced it with the old
+    generation made the kernel take it for the removed one: mkdir failed with ESTALE)."""
+
+    requires_real_path = True
+
+    def setup_base(self, base_dir: str) -> None:
+        os.mkdir(os.path.join(base_dir, "top"))
+
+    def run(self, fs: FsFacade) -> None:
+        for i in range(30):
+            fs.mkdir(f"top/d{i}")
+            fs.mkdir(f"top/d{i}/inner")
+            fd = os.open(fs.real_path(f"top/d{i}/inner"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fs.rmdir(f"top/d{i}/inner")
+                fs.rmdir(f"top/d{i}")
+                fs.mkdir(f"top/e{i}")
+                fs.mkdir(f"top/e{i}/sub")
+                assert fs.listdir(f"top/e{i}") == ["sub"]
+                assert stat.S_ISDIR(fs.stat(f"top/e{i}/sub").st_mode)
+                # not compared: reading the removed directory through *fd* (a plain
+                # directory lists nothing; a mount whose kernel was told the number is
+                # reused says EIO)
+            finally:
+                os.close(fd)
+        assert sorted(fs.listdir("top")) == sorted(f"e{i}" for i in range(30))

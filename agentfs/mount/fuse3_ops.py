@@ -102,6 +102,7 @@ class AgentfsOperations(pyfuse3.Operations):
         """*parent*: the local inode of the directory the entry was found in."""
         e = pyfuse3.EntryAttributes()
         e.st_ino = self.space.export(attr.ino)
+        e.generation = self.ov.inodes.next_generation(attr.ino)
         e.st_mode = attr.mode
         e.st_nlink = attr.nlink
         e.st_uid = attr.uid

@@ -30,7 +30,7 @@ from agentfs.overlay import copyup
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.hostio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
 from agentfs.overlay.inodes import InodeTable
-from agentfs.overlay.layers import MARKER, STORE_INO_TAG, Layer
+from agentfs.overlay.layers import MARKER, STORE_INO_TAG, Layer, stamp_path
 from agentfs.overlay.resolve import Loc, Resolver
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,31 @@ class Overlay:
         self.inodes.remember(attr.ino, path)
         return attr
 
+    def warm_lookup(self, parent_ino: int, name: str) -> None:
+        """Bring *name*'s layer entries into the host's inode cache, without the engine
+        lock, so that lookups from many threads (git's parallel lstat) wait for the disk
+        side by side instead of one after another under the lock.  Best effort and
+        read-only: it only reads shared state (a dict read is atomic) and its answers are
+        thrown away; the real lookup follows under the lock."""
+        paths = self.inodes.paths_or_none(parent_ino)
+        if not paths or name in (".", ".."):
+            return
+        parent = paths[0]
+        listing = self._listings.get(parent)
+        if listing is not None and name not in listing:
+            return
+        path = join(parent, name)
+        resolver = self.resolver
+        if resolver.cached(path):
+            return
+        loc = resolver.cached_loc(parent)
+        if loc is None or not loc.is_dir:
+            return
+        lstat = os.lstat
+        for k, rel in loc.parts:
+            with contextlib.suppress(OSError, ValueError):
+                lstat(join(rel, name), dir_fd=self.layers[k].tree.fd)
+
     def forget(self, ino: int, count: int) -> None:
         if self.inodes.forget(ino, count):
             self._reap(ino)
@@ -362,11 +387,11 @@ class Overlay:
         layer = self.layers[loc.layer]
         st = st or loc.host.lstat(loc.rel)
         if layer.is_base:
-            return None if loc.is_dir else [st.st_size, st.st_mtime_ns, path]
+            return None if loc.is_dir else [st.st_size, st.st_mtime_ns, stamp_path(path)]
         meta = layer.meta(loc.host, loc.rel, st)
         for key in ("rst", "bst"):
             stamp = meta.get(key)
-            if stamp and len(stamp) == 3 and stamp[2] == path:
+            if stamp and len(stamp) == 3 and stamp[2] == stamp_path(path):
                 return list(stamp)
         return None
 
@@ -613,7 +638,7 @@ class Overlay:
                 os.fchmod(fd, mode & 0o7777)
                 st = os.fstat(fd)
             # evidence for commit: the base had nothing here when the branch created it
-            self.top.set_meta_fd(fd, st, {"bst": [ABSENT, ABSENT, path]})
+            self.top.set_meta_fd(fd, st, {"bst": [ABSENT, ABSENT, stamp_path(path)]})
         except BaseException:
             os.close(fd)
             raise
@@ -763,7 +788,7 @@ class Overlay:
         self._ensure_dir_on_top(dparent)
         stamp = self.base_stamp(sloc, src)
         replaced_stamp = (self.base_stamp(dloc, dst) if dloc is not None and not exchange
-                          else [ABSENT, ABSENT, dst] if dloc is None else None)
+                          else [ABSENT, ABSENT, stamp_path(dst)] if dloc is None else None)
         # a non-directory moving (not over a directory): only two names change
         inos = ((self.getattr(src).ino, self.getattr(dst).ino if dloc is not None else 0)
                 if not sloc.is_dir and (dloc is None or not dloc.is_dir) else None)

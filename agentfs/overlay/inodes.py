@@ -27,6 +27,10 @@ class Node:
 class InodeTable:
     def __init__(self) -> None:
         self.nodes: dict[int, Node] = {ROOT_INO: Node(paths=("",), lookups=1)}
+        # inode numbers the host reused while the kernel still held the dead object
+        # (rmdir, then mkdir gets the freed number): the new object is announced with a
+        # higher generation, or the kernel would take it for the dead one (ESTALE)
+        self.generations: dict[int, int] = {}
 
     def path(self, ino: int) -> str:
         node = self.nodes.get(ino)
@@ -34,18 +38,42 @@ class InodeTable:
             raise FsError(errno.ENOENT if node is None else errno.ESTALE)
         return node.paths[0]
 
+    def paths_or_none(self, ino: int) -> tuple[str, ...] | None:
+        """The names of *ino* (freshest first), or None: one dict read, safe without
+        the engine lock."""
+        node = self.nodes.get(ino)
+        return None if node is None else node.paths
+
     def has_path(self, ino: int) -> bool:
         node = self.nodes.get(ino)
         return node is not None and bool(node.paths)
 
-    def remember(self, ino: int, path: str, count: int = 1) -> None:
+    def remember(self, ino: int, path: str, count: int = 1) -> int:
+        """The kernel holds *count* more references to *ino*, now known as *path*;
+        returns the generation to announce it with."""
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node()
+        elif not node.paths and node.lookups > 0 and ino != ROOT_INO:
+            self.generations[ino] = self.generations.get(ino, 0) + 1
         paths = node.paths
         if not paths or paths[0] != path:  # the freshest name first
             node.paths = (path, *(q for q in paths if q != path))
         node.lookups += count
+        return self.generations.get(ino, 0) if self.generations else 0
+
+    def generation(self, ino: int) -> int:
+        """The generation *ino* is announced with (after `remember`)."""
+        return self.generations.get(ino, 0) if self.generations else 0
+
+    def next_generation(self, ino: int) -> int:
+        """The generation `remember(ino, ...)` is about to give (for replies built
+        before the reference is counted)."""
+        node = self.nodes.get(ino)
+        gen = self.generations.get(ino, 0) if self.generations else 0
+        if node is not None and not node.paths and node.lookups > 0 and ino != ROOT_INO:
+            return gen + 1
+        return gen
 
     def forget(self, ino: int, count: int) -> bool:
         """Drop *count* kernel references; True if the inode is gone from the table."""
@@ -55,6 +83,7 @@ class InodeTable:
         node.lookups -= count
         if node.lookups <= 0:
             del self.nodes[ino]
+            self.generations.pop(ino, None)
             return True
         return False
 

@@ -22,6 +22,7 @@ The base directory is plain user data: it has no markers and is never written.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -33,6 +34,17 @@ from agentfs.overlay.hostio import HostDir
 MARKER: Final = "user.agentfs"
 WHITEOUT_MODE: Final = stat.S_IFREG  # a regular file with no permission bits
 STORE_INO_TAG: Final = 1 << 62       # keeps layer-born inode numbers apart from base ones
+STAMP_PATH_MAX: Final = 1024  # bytes of a path kept as it is in a stamp
+
+
+def stamp_path(path: str) -> str:
+    """How a commit-evidence stamp ("bst"/"rst": [size, mtime_ns, path]) names its
+    path: a long one by its hash, so the marker xattr fits (ext4 holds one block of
+    xattrs; a path near PATH_MAX made every create and copy-up there fail ENOSPC)."""
+    raw = os.fsencode(path)
+    if len(raw) <= STAMP_PATH_MAX:
+        return path
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 @dataclass

@@ -51,7 +51,7 @@ from agentfs.overlay.diff import (
     diff_views,
 )
 from agentfs.overlay.hostio import HostDir, join, split
-from agentfs.overlay.layers import WHITEOUT_MODE, Layer
+from agentfs.overlay.layers import WHITEOUT_MODE, Layer, stamp_path
 from agentfs.overlay.resolve import Resolver
 
 CONFLICT_EXIT = 3
@@ -123,11 +123,12 @@ def _object_stamp(branch: Resolver, entry: Entry, path: str) -> list[Any] | None
     layer = branch.layers[entry.loc.layer]
     st = entry.loc.host.lstat(entry.loc.rel)
     if layer.is_base:  # the branch shows the base object itself (e.g. a renamed dir)
-        return [st.st_size, st.st_mtime_ns, path] if entry.loc.rel == path else None
+        return ([st.st_size, st.st_mtime_ns, stamp_path(path)] if entry.loc.rel == path
+                else None)
     meta = layer.meta(entry.loc.host, entry.loc.rel, st)
     for key in ("rst", "bst"):
         stamp = meta.get(key)
-        if stamp and len(stamp) == 3 and stamp[2] == path:
+        if stamp and len(stamp) == 3 and stamp[2] == stamp_path(path):
             return list(stamp)
     return None
 
@@ -138,7 +139,8 @@ def _whiteout_stamp(branch: Resolver, path: str) -> list[Any] | None:
         return None
     host, rel = found
     stamp = _layer_of(branch.layers, host).meta(host, rel, host.lstat(rel)).get("bst")
-    return list(stamp) if stamp and len(stamp) == 3 and stamp[2] == path else None
+    return (list(stamp) if stamp and len(stamp) == 3 and stamp[2] == stamp_path(path)
+            else None)
 
 
 def _layer_of(layers: list[Layer], host: HostDir) -> Layer:

@@ -110,6 +110,8 @@ class KernelOperations:
         self.mv = memoryview(session.buf)
         session.on_interrupt = self._interrupt
         session.on_init = self._init
+        session.bind = self._use_buffer
+        session.warmers[p.LOOKUP] = self._warm_lookup
         t = session.table
         t[p.LOOKUP] = self.lookup
         t[p.FORGET] = self.forget
@@ -192,6 +194,17 @@ class KernelOperations:
             if parent_ino is not None:
                 self.session.notify_inval_entry(parent_ino, os.fsencode(name))
 
+    def _use_buffer(self, buf: bytearray, mv: memoryview) -> None:
+        """The next handlers read their request from *buf* (another request thread's)."""
+        self.buf = buf
+        self.mv = mv
+
+    def _warm_lookup(self, buf: bytearray, n: int, nodeid: int) -> None:
+        """Outside the engine lock: the layer lstats a LOOKUP will make (see session)."""
+        end = buf.find(0, 40, n)
+        self.ov.warm_lookup(nodeid, buf[40:n if end < 0 else end].decode("utf-8",
+                                                                       "surrogateescape"))
+
     # -- request helpers -----------------------------------------------------------------------
     def _name(self, start: int, n: int) -> str:
         """The NUL-terminated name at *start* in the request."""
@@ -213,7 +226,8 @@ class KernelOperations:
         asec, ans = divmod(a.atime_ns, NS)
         msec, mns = divmod(a.mtime_ns, NS)
         csec, cns = divmod(a.ctime_ns, NS)
-        return p.ENTRY_OUT.pack(144, 0, unique, a.ino, 0, t, t, 0, 0, a.ino, a.size,
+        return p.ENTRY_OUT.pack(144, 0, unique, a.ino, self.ov.inodes.generation(a.ino), t, t,
+                                0, 0, a.ino, a.size,
                                 a.blocks, asec, msec, csec, ans, mns, cns, a.mode, a.nlink,
                                 a.uid, a.gid, a.rdev & M32, a.blksize, 0)
 
@@ -677,11 +691,11 @@ class KernelOperations:
             asec, ans = divmod(a.atime_ns, NS)
             msec, mns = divmod(a.mtime_ns, NS)
             csec, cns = divmod(a.ctime_ns, NS)
-            parts.append(pack(a.ino, 0, t, t, 0, 0, a.ino, a.size, a.blocks, asec, msec, csec,
+            gen = remember(a.ino, child)  # the kernel counts a lookup for every entry
+            parts.append(pack(a.ino, gen, t, t, 0, 0, a.ino, a.size, a.blocks, asec, msec, csec,
                               ans, mns, cns, a.mode, a.nlink, a.uid, a.gid, a.rdev & M32,
                               a.blksize, 0, a.ino, i + 1, len(raw), (a.mode >> 12) & 0xF)
                          + raw + pad[padded - length])
-            remember(a.ino, child)  # the kernel counts a lookup for every entry
         parts[0] = p.OUT_HEADER.pack(16 + size - room, 0, unique)
         return b"".join(parts)
 

@@ -5,8 +5,17 @@ libfuse does as root); otherwise fusermount3 mounts and passes the fd back over 
 socketpair (the _FUSE_COMMFD protocol).  Options as the pyfuse3 front end has them:
 fsname and subtype agentfs, default_permissions, allow_other when root, nosuid, nodev.
 
-The loop is plain and blocking, on one thread: read a request, look its handler up by
-opcode, run it under the engine lock, write the reply with one system call.  A handler
+The loop is plain and blocking: read a request, look its handler up by opcode, run it
+under the engine lock, write the reply with one system call.  By default one thread
+runs it.  AGENTFS_FUSE_THREADS=N (experimental) runs it on N threads, each with its
+own request buffer (the kernel hands each request to one reader): the engine stays
+serialised by its lock, but reading requests, writing replies and, before the lock, an
+opcode's *warmer* (LOOKUP: the layer lstats that bring the host's inodes into its
+cache) overlap, so a cold `git status` (20 threads of lstat) waits for the disk side by
+side instead of one inode at a time: 1.6x faster cold, 1.8x more operations a second
+from 8 processes, measured under load.  Not the default yet: the first version let the main
+thread pick up a buffer another thread had already bound (requests lost, fsync hung);
+that is fixed, but the multi-threaded loop has not had a full stress run since.  A handler
 returns the whole reply message (out header included) or None when it replies later
 (a request waiting for a person's answer replies from its own thread) or never
 (FORGET).  An exception in a handler is answered with its errno (a bug: logged, EIO);
@@ -31,6 +40,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, Final
 
 from agentfs.audit.recorder import finish_pending
@@ -58,7 +68,10 @@ WANTED: Final = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES
                  | p.WRITEBACK_CACHE | p.PARALLEL_DIROPS | p.HANDLE_KILLPRIV_V2
                  | p.MAX_PAGES | p.INIT_EXT)
 
+THREADS: Final = 1  # request threads; AGENTFS_FUSE_THREADS overrides
+
 Handler = Callable[[int, int, int, int, int, int], "bytes | list[Any] | None"]
+Warmer = Callable[[bytearray, int, int], None]  # (request buffer, length, nodeid)
 
 
 class MountError(Exception):
@@ -83,6 +96,9 @@ class Session:
         self.fd = -1
         self.buf = bytearray(BUFFER_SIZE)
         self.table: list[Handler | None] = [None] * p.MAX_OPCODE
+        self.warmers: list[Warmer | None] = [None] * p.MAX_OPCODE
+        # called under the engine lock before a handler runs on another thread's buffer
+        self.bind: Callable[[bytearray, memoryview], None] = lambda buf, mv: None
         self.on_interrupt: Callable[[int], None] = lambda unique: None
         self.on_init: Callable[[int], None] = lambda flags: None
         self.after_init: Callable[[], None] = lambda: None  # once INIT's reply took effect
@@ -264,15 +280,37 @@ class Session:
         if stats_path:
             table[:] = [None if h is None else _timed(op, h, stats)
                         for op, h in enumerate(table)]
+        threads = _thread_count()
+        own = self.buf  # taken before the others start: each sets self.buf to its own
+        own = self.buf  # before the other threads start: they rebind self.buf
+        none: list[Warmer | None] = [None] * p.MAX_OPCODE
+        warmers = self.warmers if threads > 1 else none
+        others = [threading.Thread(target=self._serve_logged,
+                                   args=(table, warmers, bytearray(BUFFER_SIZE)),
+                                   name=f"agentfs-fuse-{i}", daemon=True)
+                  for i in range(1, threads)]
+        for thread in others:
+            thread.start()
         try:
-            self._serve(table)
+            self._serve(table, warmers, own)
         finally:
+            for thread in others:
+                thread.join(timeout=5)
             if stats_path:
                 _write_stats(stats_path, stats)
 
-    def _serve(self, table: list[Handler | None]) -> None:
-        fd, buf, lock = self.fd, self.buf, self.lock
+    def _serve_logged(self, table: list[Handler | None], warmers: list[Warmer | None],
+                      buf: bytearray) -> None:
+        try:
+            self._serve(table, warmers, buf)
+        except Exception:
+            log.exception("FUSE request thread %s ended", threading.current_thread().name)
+
+    def _serve(self, table: list[Handler | None], warmers: list[Warmer | None],
+               buf: bytearray) -> None:
+        fd, lock, bind = self.fd, self.lock, self.bind
         bufs = [buf]
+        mv = memoryview(buf)
         readv, write, writev = os.readv, os.write, os.writev
         header = p.IN_HEADER.unpack_from
         err = p.OUT_HEADER.pack
@@ -287,6 +325,8 @@ class Session:
                     return
                 if exc.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                     continue
+                if self.gone or self.fd < 0:
+                    return
                 raise
             _, opcode, unique, nodeid, uid, gid, pid, _, _ = header(buf)
             handler = table[opcode] if opcode < limit else None
@@ -297,7 +337,14 @@ class Session:
                 reply: bytes | list[Any] | None = (None if opcode in no_reply else
                                                    err(16, -errno.ENOSYS, unique))
             else:
+                warm = warmers[opcode]
+                if warm is not None:
+                    with suppress(Exception):  # a warmer only saves time; the handler decides
+                        warm(buf, n, nodeid)
                 with lock:
+                    if self.buf is not buf:
+                        self.buf = buf
+                        bind(buf, mv)
                     try:
                         reply = handler(n, unique, nodeid, uid, gid, pid)
                     except Exception as exc:
@@ -322,6 +369,15 @@ class Session:
                 else:
                     if opcode == p.INIT:  # the kernel has applied the reply when write returns
                         self.after_init()
+
+
+def _thread_count() -> int:
+    raw = os.environ.get("AGENTFS_FUSE_THREADS", "")
+    try:
+        return max(1, min(64, int(raw))) if raw else THREADS
+    except ValueError:
+        log.warning("AGENTFS_FUSE_THREADS=%r is not a number; using %d", raw, THREADS)
+        return THREADS
 
 
 def _timed(opcode: int, handler: Handler, stats: dict[int, list[float]]) -> Handler:
