@@ -420,12 +420,9 @@ CASES: dict[str, Case] = {
     "sparse": Case(sparse_setup, sparse_run),
 }
 SLOW = {"huge_dir_100k"}
-# A create or copy-up at a path of more than ~4,000 bytes failed with ENOSPC: the
-# commit-evidence stamp in the user.agentfs xattr held the whole path, and ext4 keeps
-# one block of xattrs.  The fix (stamps name long paths by their hash,
-# agentfs.overlay.layers.stamp_path) touches overlay/engine.py, which is being
-# reworked in another change; until it lands this case is allowed to fail.
-PENDING_FIX = {"path_max": "stamp xattr holds the whole path (ENOSPC near PATH_MAX)"}
+# (path_max once failed with ENOSPC: the commit stamp xattr held the whole path; stamps
+# now name long paths by their hash, agentfs.overlay.layers.stamp_path)
+PENDING_FIX: dict[str, str] = {}
 CASE_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW else
                pytest.param(name, marks=pytest.mark.xfail(reason=PENDING_FIX[name],
                                                           strict=False))
