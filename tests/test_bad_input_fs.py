@@ -178,6 +178,17 @@ def long_names_run(d: bytes) -> Outcome:
     return out
 
 
+def descend_making(fd: int, names: list[bytes]) -> int:
+    """Make each of *names* inside the previous one, starting at directory *fd*; the fd
+    of the last (the ones passed through, *fd* included, are closed)."""
+    for name in names:
+        os.mkdir(name, dir_fd=fd)
+        nfd = os.open(name, os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
 COMPONENT = 250                          # bytes per directory name in the PATH_MAX case
 
 
@@ -185,12 +196,7 @@ def path_max_setup(d: bytes) -> None:
     # a base chain reaching past PATH_MAX, built relative to directory fds
     fd = os.open(d, os.O_DIRECTORY)
     try:
-        for i in range(18):
-            name = b"B%03d" % i + b"b" * (COMPONENT - 4)
-            os.mkdir(name, dir_fd=fd)
-            nfd = os.open(name, os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
+        fd = descend_making(fd, [b"B%03d" % i + b"b" * (COMPONENT - 4) for i in range(18)])
         create(b"deepest", b"base beyond PATH_MAX", dir_fd=fd)
     finally:
         os.close(fd)
@@ -261,11 +267,7 @@ DEPTH = 1000
 def deep_setup(d: bytes) -> None:
     fd = os.open(d, os.O_DIRECTORY)  # os.makedirs recurses once per level
     try:
-        for _ in range(DEPTH):
-            os.mkdir(b"b", dir_fd=fd)
-            nfd = os.open(b"b", os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
+        fd = descend_making(fd, [b"b"] * DEPTH)
         create(b"bottom", b"base bottom", dir_fd=fd)
     finally:
         os.close(fd)

@@ -24,6 +24,12 @@ class Node:
     lookups: int = 0
 
 
+def _reused(node: Node, ino: int) -> bool:
+    """A name is being given to *ino* while the kernel still holds it as a nameless
+    (removed) object: the host reused the number for a new one."""
+    return not node.paths and node.lookups > 0 and ino != ROOT_INO
+
+
 class InodeTable:
     def __init__(self) -> None:
         self.nodes: dict[int, Node] = {ROOT_INO: Node(paths=("",), lookups=1)}
@@ -54,7 +60,7 @@ class InodeTable:
         node = self.nodes.get(ino)
         if node is None:
             node = self.nodes[ino] = Node()
-        elif not node.paths and node.lookups > 0 and ino != ROOT_INO:
+        elif _reused(node, ino):
             self.generations[ino] = self.generations.get(ino, 0) + 1
         paths = node.paths
         if not paths or paths[0] != path:  # the freshest name first
@@ -71,9 +77,7 @@ class InodeTable:
         before the reference is counted)."""
         node = self.nodes.get(ino)
         gen = self.generations.get(ino, 0) if self.generations else 0
-        if node is not None and not node.paths and node.lookups > 0 and ino != ROOT_INO:
-            return gen + 1
-        return gen
+        return gen + 1 if node is not None and _reused(node, ino) else gen
 
     def forget(self, ino: int, count: int) -> bool:
         """Drop *count* kernel references; True if the inode is gone from the table."""

@@ -80,6 +80,12 @@ def _kill_suid(mode: int) -> int | None:
     return mode & ~drop & 0o7777 if mode & drop else None
 
 
+def _cstr(buf: bytearray, start: int, n: int) -> str:
+    """The NUL-terminated string at *start* in a request of *n* bytes in *buf*."""
+    end = buf.find(0, start, n)
+    return buf[start:n if end < 0 else end].decode("utf-8", "surrogateescape")
+
+
 class KernelOperations:
     """One pinned branch view behind the kernel protocol."""
 
@@ -201,15 +207,12 @@ class KernelOperations:
 
     def _warm_lookup(self, buf: bytearray, n: int, nodeid: int) -> None:
         """Outside the engine lock: the layer lstats a LOOKUP will make (see session)."""
-        end = buf.find(0, 40, n)
-        self.ov.warm_lookup(nodeid, buf[40:n if end < 0 else end].decode("utf-8",
-                                                                       "surrogateescape"))
+        self.ov.warm_lookup(nodeid, _cstr(buf, 40, n))
 
     # -- request helpers -----------------------------------------------------------------------
     def _name(self, start: int, n: int) -> str:
         """The NUL-terminated name at *start* in the request."""
-        end = self.buf.find(0, start, n)
-        return self.buf[start:n if end < 0 else end].decode("utf-8", "surrogateescape")
+        return _cstr(self.buf, start, n)
 
     def _two_names(self, start: int, n: int) -> tuple[str, str]:
         buf = self.buf
