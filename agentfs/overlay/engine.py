@@ -500,10 +500,15 @@ class Overlay:
     def _pinned(self, ino: int) -> bool:
         return self.inodes.referenced(ino) or bool(self._by_ino.get(ino))
 
-    def _orphan(self, host: HostDir, rel: str, ino: int, path: str) -> None:
-        """Keep an unlinked-but-referenced file alive (so its host inode isn't reused)."""
+    def _orphan(self, host: HostDir, rel: str, ino: int, path: str, link: bool = False) -> None:
+        """Keep an unlinked-but-referenced file alive (so its host inode isn't reused).
+        *link*: a second name is made and the caller replaces *rel* atomically (rename
+        over): moving it away first left a window where a killed daemon lost the file."""
         name = f"{_ORPHANS}/{ino}.{copyup.temp_name()}"
-        host.rename_to(rel, self.work, name)
+        if link:
+            host.link_to(rel, self.work, name)
+        else:
+            host.rename_to(rel, self.work, name)
         self._orphans[ino] = name
         if self.trash is not None:
             if self._by_ino.get(ino):  # open: the entry is final only at the last close
@@ -819,7 +824,7 @@ class Overlay:
             elif (stat.S_ISREG(dst_st.st_mode) and dst_st.st_nlink == 1
                   and self._pinned(replaced_ino)):
                 self._reason = "rename_over"
-                self._orphan(self.tree, dst, replaced_ino, dst)
+                self._orphan(self.tree, dst, replaced_ino, dst, link=True)
             elif (self.trash is not None and dst_st.st_nlink == 1
                   and not self.top.is_whiteout(dst, dst_st)):
                 # linked, not moved: the rename below replaces the name atomically
