@@ -33,6 +33,7 @@ from fsfacade import (
     RENAME_NOREPLACE,
     FsFacade,
     TrackingFacade,
+    getdents,
     pread_all,
 )
 
@@ -2112,3 +2113,84 @@ class ReusedInodeNumbers(Case):
             finally:
                 os.close(fd)
         assert sorted(fs.listdir("top")) == sorted(f"e{i}" for i in range(30))
+
+
+@register
+class HardLinkOutlivesTheNameInUse(Case):
+    """A file with two hard links, written through one name, that name removed, then
+    the other name looked up: the same file, with everything written so far (a front
+    end that announced it as a new object made the kernel drop its inode, and with
+    the writeback cache the data not yet written back)."""
+
+    requires_real_path = True
+
+    def setup_base(self, base_dir: str) -> None:
+        os.mkdir(os.path.join(base_dir, "h"))
+        with open(os.path.join(base_dir, "h", "x"), "wb") as f:
+            f.write(b"base\n")
+        os.link(os.path.join(base_dir, "h", "x"), os.path.join(base_dir, "h", "y"))
+
+    def run(self, fs: FsFacade) -> None:
+        fd = os.open(fs.real_path("h/x"), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"more\n")
+            fs.unlink("h/x")
+            assert fs.stat("h/y").st_nlink == 1
+            os.write(fd, b"again\n")
+        finally:
+            os.close(fd)
+        assert fs.read_file("h/y") == b"base\nmore\nagain\n"
+        fs.write_file("h/n", b"new\n")
+        fs.link("h/n", "h/m")
+        fd = os.open(fs.real_path("h/n"), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"appended\n")
+            fs.unlink("h/n")
+            os.write(fd, b"after\n")
+        finally:
+            os.close(fd)
+        assert fs.read_file("h/m") == b"new\nappended\nafter\n"
+        assert sorted(fs.listdir("h")) == ["m", "y"]
+
+
+@register
+class ListingsOfOneDirectoryAgree(Case):
+    """Readers of one large directory, one of them reading in small steps while names
+    elsewhere change: a later reader gets every name exactly once.  The kernel's
+    readdir cache continues one reader's listing with the entries another reader
+    fetched from the same offset, so the offsets must mean the same in every listing
+    of the directory: offsets that were indexes into each reader's snapshot repeated
+    and dropped names whenever two snapshots listed the names in a different order
+    (the daemon's cached listing keeps new names at its end; a fresh one does not)."""
+
+    requires_real_path = True
+
+    def setup_base(self, base_dir: str) -> None:
+        os.makedirs(os.path.join(base_dir, "big"))
+        os.makedirs(os.path.join(base_dir, "elsewhere", "d"))
+        for i in range(0, 600):
+            with open(os.path.join(base_dir, "big", f"b{i:05d}"), "wb"):
+                pass
+
+    def run(self, fs: FsFacade) -> None:
+        want = {f"b{i:05d}" for i in range(600)}
+        for round_ in range(3):
+            fs.listdir("big")
+            for i in range(150):
+                fs.write_file(f"big/n{round_}-{i:03d}", b"")
+                want.add(f"n{round_}-{i:03d}")
+            first = os.open(fs.real_path("big"), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                got = getdents(first, 2048)  # a few dozen names, the rest later
+                fs.rename(f"elsewhere/d{'' if round_ % 2 == 0 else 'x'}",
+                          f"elsewhere/d{'x' if round_ % 2 == 0 else ''}")
+                listings = [fs.listdir("big")]
+                while chunk := getdents(first, 4096):
+                    got += chunk
+            finally:
+                os.close(first)
+            listings += [got, fs.listdir("big")]
+            for listing in listings:
+                counts = Counter(listing)
+                assert [n for n, c in counts.items() if c > 1] == []
+                assert set(counts) == want

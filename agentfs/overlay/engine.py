@@ -682,7 +682,7 @@ class Overlay:
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino,
                               self.base_stamp(loc, path))
         self._invalidate(path, dirs=False)
-        self.inodes.unlinked(attr.ino, path)
+        self.inodes.unlinked(attr.ino, path, last=attr.nlink <= 1)
 
     def rmdir(self, path: str) -> None:
         if not path:
@@ -795,7 +795,9 @@ class Overlay:
         replaced_stamp = (self.base_stamp(dloc, dst) if dloc is not None and not exchange
                           else [ABSENT, ABSENT, stamp_path(dst)] if dloc is None else None)
         # a non-directory moving (not over a directory): only two names change
-        inos = ((self.getattr(src).ino, self.getattr(dst).ino if dloc is not None else 0)
+        replaced = self.getattr(dst) if dloc is not None else None
+        inos = ((self.getattr(src).ino, replaced.ino if replaced else 0,
+                 replaced is None or replaced.nlink <= 1)
                 if not sloc.is_dir and (dloc is None or not dloc.is_dir) else None)
         self._prepare_move(src, sloc)
         if exchange:
@@ -804,7 +806,7 @@ class Overlay:
             self.tree.rename_to(src, self.tree, dst, RENAME_EXCHANGE)
             self._moved(src, dst, True, inos)
             return
-        replaced_ino = self.getattr(dst).ino if dloc is not None else 0
+        replaced_ino = replaced.ino if replaced is not None else 0
         if self.trash is not None and dloc is not None:
             if dloc.is_dir:
                 self.trash.dir_removed(dst, self.layers[dloc.layer], dloc.host, dloc.rel,
@@ -865,12 +867,13 @@ class Overlay:
             self.top.set_meta(self.tree, path, meta)
 
     def _moved(self, src: str, dst: str, exchange: bool,
-               inos: tuple[int, int] | None = None) -> None:
+               inos: tuple[int, int, bool] | None = None) -> None:
         """Caches and inode names after a rename.  *inos*: (moved, replaced or
         exchanged) overlay inodes when no directory was involved, so nothing below
         either name changed: the caches of both names and their directories are
         brought up to date instead of dropped (compileall renames every .pyc into
-        place; each rename used to empty every cached listing and walk every inode)."""
+        place; each rename used to empty every cached listing and walk every inode);
+        the third: the replaced object had no other name."""
         if inos is None:
             self._invalidate(src, subtree=True)
             self._invalidate(dst, subtree=True)
@@ -878,7 +881,7 @@ class Overlay:
             return
         self._invalidate(src, dirs=False)
         self._invalidate(dst, dirs=False)
-        self.inodes.renamed_object(src, dst, inos[0], inos[1], exchange)
+        self.inodes.renamed_object(src, dst, inos[0], inos[1], exchange, inos[2])
 
     # --------------------------------------------------------- attributes
     def setattr(self, path: str | None, *, mode: int | None = None, uid: int | None = None,

@@ -22,12 +22,16 @@ ROOT_INO: Final = 1
 class Node:
     paths: tuple[str, ...] = ()   # a tuple: one name costs 48 bytes, a list 88
     lookups: int = 0
+    dead: bool = False  # its last name in the view went while the kernel held it
 
 
 def _reused(node: Node, ino: int) -> bool:
-    """A name is being given to *ino* while the kernel still holds it as a nameless
-    (removed) object: the host reused the number for a new one."""
-    return not node.paths and node.lookups > 0 and ino != ROOT_INO
+    """A name is being given to *ino* while the kernel still holds it as a removed
+    object: the number now belongs to a new one (the host reused it, or trash restore
+    brought the object back).  A node that merely lost the one name the kernel knew
+    while another hard link remains is not dead: announcing it anew would make the
+    kernel discard its inode, and with it the writeback cache's unwritten data."""
+    return node.dead and node.lookups > 0 and ino != ROOT_INO
 
 
 class InodeTable:
@@ -62,6 +66,7 @@ class InodeTable:
             node = self.nodes[ino] = Node()
         elif _reused(node, ino):
             self.generations[ino] = self.generations.get(ino, 0) + 1
+            node.dead = False
         paths = node.paths
         if not paths or paths[0] != path:  # the freshest name first
             node.paths = (path, *(q for q in paths if q != path))
@@ -94,15 +99,18 @@ class InodeTable:
     def referenced(self, ino: int) -> bool:
         return ino in self.nodes
 
-    def unlinked(self, ino: int, path: str) -> None:
+    def unlinked(self, ino: int, path: str, last: bool = True) -> None:
+        """*path* no longer names *ino*; *last*: nor does anything else in the view."""
         node = self.nodes.get(ino)
-        if node is not None and path in node.paths:
+        if node is not None:
             node.paths = tuple(q for q in node.paths if q != path)
+            node.dead = last
 
     def renamed_object(self, src: str, dst: str, src_ino: int, dst_ino: int,
-                       exchange: bool) -> None:
+                       exchange: bool, replaced_last: bool = True) -> None:
         """A non-directory *src_ino* moved from *src* to *dst*, over *dst_ino* (0:
-        nothing), or exchanged with it: only those two nodes change."""
+        nothing; *replaced_last*: that was its only name), or exchanged with it: only
+        those two nodes change."""
         if src_ino == dst_ino:
             return  # two names of one inode: the names are the same afterwards
         moved = self.nodes.get(src_ino)
@@ -113,6 +121,7 @@ class InodeTable:
         if there is not None:
             there.paths = (tuple(src if q == dst else q for q in there.paths) if exchange
                            else tuple(q for q in there.paths if q != dst))
+            there.dead = not exchange and replaced_last
 
     def renamed(self, src: str, dst: str, exchange: bool = False) -> None:
         """Rewrite every known name under *src* to live under *dst* (and back, for exchange)."""
@@ -129,6 +138,7 @@ class InodeTable:
                 elif exchange and p.startswith(dst_pre):
                     p = src_pre + p[len(dst_pre):]
                 elif not exchange and (p == dst or p.startswith(dst_pre)):
-                    continue  # the replaced target lost this name
+                    node.dead = True  # the replaced target (an empty directory) is gone
+                    continue
                 out.append(p)
             node.paths = tuple(out)

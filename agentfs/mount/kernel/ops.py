@@ -22,6 +22,7 @@ is announced with inval_entry + inval_inode of the parent.
 
 from __future__ import annotations
 
+import bisect
 import contextvars
 import ctypes
 import errno
@@ -58,6 +59,44 @@ _ACCMODE: Final = os.O_ACCMODE
 _WRITEBACK_TIMES: Final = p.FATTR_MTIME | p.FATTR_CTIME | p.FATTR_FH | p.FATTR_LOCKOWNER
 
 Reply = bytes | list[Any] | None
+
+
+
+class Listing:
+    """One open directory's snapshot, ordered by a cookie derived from each name.
+
+    The kernel's readdir cache (FOPEN_CACHE_DIR) is filled by whichever reader is at
+    its end, so it can continue one handle's listing with another handle's entries
+    from the same offset.  Offsets that were indexes into per-handle snapshots then
+    repeated or dropped names whenever two snapshots listed the names in another
+    order (the engine's cached listing keeps new names at its end, a fresh one has the
+    host's order).  A cookie that belongs to the name, not to its position (like
+    ext4's hash cookies), means "resume after this name" in every snapshot, so no
+    unchanged name is repeated or lost."""
+
+    __slots__ = ("cookies", "names", "path", "taken")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.names: list[str] = []
+        self.cookies: list[int] = []
+        self.taken = False
+
+    def take(self, names: list[str]) -> None:
+        keyed = sorted((_cookie(name), name) for name in names)
+        self.cookies = [c for c, _ in keyed]
+        self.names = [n for _, n in keyed]
+        self.taken = True
+
+    def resume(self, offset: int) -> int:
+        """Index of the first entry after the one whose cookie is *offset*."""
+        return bisect.bisect_right(self.cookies, offset) if offset else 0
+
+
+def _cookie(name: str) -> int:
+    """A positive 63-bit offset for *name*, stable for the daemon's lifetime (0 means
+    the start, and the kernel stores offsets as signed 64-bit)."""
+    return (hash(name) & 0x7FFF_FFFF_FFFF_FFFF) or 1
 
 
 class _Waiter:
@@ -99,7 +138,7 @@ class KernelOperations:
         self.session: Session | None = None
         self.buf = bytearray()
         self.mv = memoryview(self.buf)
-        self._dirs: dict[int, tuple[str, list[str]]] = {}
+        self._dirs: dict[int, Listing] = {}
         self._xattr_names: dict[int, frozenset[bytes]] = {}
         self._next_dir = 1
         self._waiting: dict[int, _Waiter] = {}
@@ -545,13 +584,13 @@ class KernelOperations:
         def then() -> bytes:
             fh, a = self.ov.create(path, flags, mode, uid, gid)
             self.gate.opened(fh, path, pid, uid)
-            self.ov.inodes.remember(a.ino, path)
+            gen = self.ov.inodes.remember(a.ino, path)
             self._remember_xattrs(a.ino, fh)
             t = self.timeout
             asec, ans = divmod(a.atime_ns, NS)
             msec, mns = divmod(a.mtime_ns, NS)
             csec, cns = divmod(a.ctime_ns, NS)
-            return p.CREATE_OUT.pack(160, 0, unique, a.ino, 0, t, t, 0, 0, a.ino, a.size,
+            return p.CREATE_OUT.pack(160, 0, unique, a.ino, gen, t, t, 0, 0, a.ino, a.size,
                                      a.blocks, asec, msec, csec, ans, mns, cns, a.mode,
                                      a.nlink, a.uid, a.gid, a.rdev & M32, a.blksize, 0, fh,
                                      p.FOPEN_KEEP_CACHE, 0)
@@ -625,31 +664,33 @@ class KernelOperations:
         path = self._path(nodeid)
 
         def then() -> bytes:
-            names = self.ov.listdir(path)
+            # no listing yet: a directory the kernel has cached is never read, and the
+            # first READDIR's snapshot must not be older than what the kernel's cache
+            # records for it (the directory's version when that READDIR is sent)
             fh = self._next_dir
             self._next_dir += 1
-            self._dirs[fh] = (path, names)
+            self._dirs[fh] = Listing(path)
             return p.OPEN_OUT.pack(32, 0, unique, fh, DIR_OPEN_FLAGS, 0)
 
         return self._go(self.gate.check(pid, uid, (("readdir", path),)), path, unique, pid,
                         then)
 
-    def _listing(self, fh: int, offset: int) -> tuple[str, list[str]]:
-        path, names = self._dirs[fh]
-        if offset == 0:  # (re)start: a fresh snapshot, so rewinddir sees changes
-            names = self.ov.listdir(path)
-            self._dirs[fh] = (path, names)
-        return path, names
+    def _listing(self, fh: int, offset: int) -> tuple[str, list[str], list[int], int]:
+        """The handle's snapshot, its cookies, and where *offset* resumes in it."""
+        listing = self._dirs[fh]
+        if offset == 0 or not listing.taken:  # (re)start: a fresh snapshot
+            listing.take(self.ov.listdir(listing.path))
+        return listing.path, listing.names, listing.cookies, listing.resume(offset)
 
     def readdir(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
         fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(self.buf, 40)
-        path, names = self._listing(fh, offset)
+        path, names, cookies, start = self._listing(fh, offset)
         getattr_ = self.ov.getattr
         pack = p.DIRENT.pack
         pad = p.PADDING
         parts = [b""]
         room = size
-        for i in range(offset, len(names)):
+        for i in range(start, len(names)):
             name = names[i]
             try:
                 a = getattr_(join(path, name))
@@ -661,7 +702,7 @@ class KernelOperations:
             if padded > room:
                 break
             room -= padded
-            parts.append(pack(a.ino, i + 1, len(raw), (a.mode >> 12) & 0xF) + raw
+            parts.append(pack(a.ino, cookies[i], len(raw), (a.mode >> 12) & 0xF) + raw
                          + pad[padded - length])
         parts[0] = p.OUT_HEADER.pack(16 + size - room, 0, unique)
         return b"".join(parts)
@@ -669,7 +710,7 @@ class KernelOperations:
     def readdirplus(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
                     ) -> Reply:
         fh, offset, size, _, _, _, _ = p.READ_IN.unpack_from(self.buf, 40)
-        path, names = self._listing(fh, offset)
+        path, names, cookies, start = self._listing(fh, offset)
         ov = self.ov
         getattr_ = ov.getattr
         remember = ov.inodes.remember
@@ -678,7 +719,7 @@ class KernelOperations:
         t = self.timeout
         parts = [b""]
         room = size
-        for i in range(offset, len(names)):
+        for i in range(start, len(names)):
             name = names[i]
             child = join(path, name)
             try:
@@ -697,7 +738,7 @@ class KernelOperations:
             gen = remember(a.ino, child)  # the kernel counts a lookup for every entry
             parts.append(pack(a.ino, gen, t, t, 0, 0, a.ino, a.size, a.blocks, asec, msec, csec,
                               ans, mns, cns, a.mode, a.nlink, a.uid, a.gid, a.rdev & M32,
-                              a.blksize, 0, a.ino, i + 1, len(raw), (a.mode >> 12) & 0xF)
+                              a.blksize, 0, a.ino, cookies[i], len(raw), (a.mode >> 12) & 0xF)
                          + raw + pad[padded - length])
         parts[0] = p.OUT_HEADER.pack(16 + size - room, 0, unique)
         return b"".join(parts)
