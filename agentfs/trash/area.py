@@ -435,6 +435,19 @@ class TrashArea:
                 return True
         return (self.root / f"{item_id}{META}").exists()
 
+    def record(self, item_id: str) -> dict[str, Any] | None:
+        """This object's record of *item_id* (pending or its file), or None: for
+        readers that know the id is their own, without looking at other journals."""
+        with self._lock:
+            meta = self._pending.get(item_id)
+            if meta is not None:
+                return meta
+        try:
+            loaded: dict[str, Any] = json.loads((self.root / f"{item_id}{META}").read_text())
+        except (OSError, ValueError):
+            return None
+        return loaded
+
     def get(self, item_id: str) -> TrashItem:
         """An item by id or unique id prefix (KeyError / ValueError if none / several)."""
         with self._lock:

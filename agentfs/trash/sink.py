@@ -28,7 +28,10 @@ from agentfs.proc import exe_of, running
 from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, TrashArea
 
 log = logging.getLogger(__name__)
-_REMEMBER = 200_000  # deleted items kept in memory for folding into trees
+# deleted items remembered (by id) for folding into trees: `rm -rf` needs only those
+# below directories it has not removed yet; deletions in directories that stay are
+# forgotten past this many (they stay items of their own), so memory stays bounded
+_REMEMBER = 50_000
 
 
 def kind_of(mode: int) -> str:
@@ -97,10 +100,11 @@ class TrashSink:
         self.branch = branch
         self.hash_limit = hash_limit
         # directory -> {name: item id} of items deleted in it (not yet folded into a
-        # tree), and the records of those items: removing the directory folds them in
-        # without scanning or reading anything
+        # tree): removing the directory folds them in without scanning it.  Their
+        # records are read back from the area (pending in its journal, or files), not
+        # kept here: a long run of deletions grew the daemon by a record per item
         self._children: dict[str, dict[str, str]] = {}
-        self._metas: dict[str, dict[str, Any]] = {}
+        self._remembered = 0
         self._exes: dict[int, tuple[float, str]] = {}
         self._open: dict[int, tuple[str, str]] = {}  # ino of a still-open file -> (item, rel)
 
@@ -116,15 +120,14 @@ class TrashSink:
             "daemon_pid": os.getpid(), "entries": entries}
         _totals(meta)
         self.area.add(item_id, meta, folded or ())
-        if len(self._metas) > _REMEMBER:
+        if self._remembered >= _REMEMBER:
             self._children.clear()
-            self._metas.clear()
+            self._remembered = 0
         parent, name = split(path)
-        old = self._children.setdefault(parent, {}).get(name)
-        if old is not None:
-            self._metas.pop(old, None)  # an earlier deletion of the same name stays alone
-        self._children[parent][name] = item_id
-        self._metas[item_id] = meta
+        siblings = self._children.setdefault(parent, {})
+        # an earlier deletion of the same name is replaced: it stays an item of its own
+        self._remembered += name not in siblings
+        siblings[name] = item_id
         return meta
 
     def _exe(self, pid: int) -> str:
@@ -184,8 +187,6 @@ class TrashSink:
         if not any(open_id == item_id for open_id, _ in self._open.values()):
             meta["state"] = "final"
         self.area.write(item_id, meta)
-        if item_id in self._metas:
-            self._metas[item_id] = meta
 
     def dir_removed(self, path: str, layer: Layer, host: HostDir, rel: str,
                     reason: str) -> None:
@@ -196,9 +197,11 @@ class TrashSink:
         entries = [own]
         state = "final"
         folded = []
-        for sub, child_id in sorted(self._children.pop(path, {}).items()):
-            child = self._metas.pop(child_id, None)
-            if child is None or not self.area.exists(child_id):
+        children = self._children.pop(path, {})
+        self._remembered -= len(children)
+        for sub, child_id in sorted(children.items()):
+            child = self.area.record(child_id)
+            if child is None:
                 continue  # purged meanwhile
             src = self.area.root / f"{child_id}{DATA}"
             # only held content has data here (a deleted base file's stays in the base)
