@@ -20,7 +20,7 @@ from mountutil import AGENTFS, cli_env
 from agentfs.audit.log import COLUMNS, _row, open_db
 from agentfs.branches.locks import hold_branch
 from agentfs.branches.store import Store
-from agentfs.errors import EXIT_DAMAGED, EXIT_FAILURE, EXIT_OK
+from agentfs.errors import EXIT_DAMAGED, EXIT_FAILURE, EXIT_OK, EXIT_STORE
 from agentfs.mount.view import open_branch_view
 from agentfs.overlay.layers import MARKER
 from agentfs.trash.area import META
@@ -366,6 +366,15 @@ def test_damage_that_needs_a_person_is_reported_and_left(world: World, case: str
                        if f["kind"] in kinds)
     text = invoke("--store", str(world.root), "fsck", home=world.home)
     assert "problem" in text.stdout and "remain" in text.stdout, text.stdout
+
+
+def test_a_layer_cycle_is_a_clear_error_for_other_commands(world: World) -> None:
+    """A loop in the layer table used to hang every command that walked a stack."""
+    _layer_cycle(world)
+    for args in (("branch", "list"), ("branch", "diff", "b"), ("branch", "show", "c")):
+        res = invoke("--store", str(world.root), *args, home=world.home)
+        assert res.code == EXIT_STORE and len(res.err_lines) == 1, (args, res.stderr)
+        assert "loops" in res.stderr and "fsck" in res.stderr, res.stderr
 
 
 def test_unrecorded_trash_data_is_a_notice(world: World) -> None:

@@ -55,13 +55,17 @@ def _sql_datetime(value: datetime) -> str:
     return value.isoformat(sep=" ", timespec="microseconds")
 
 
-# a branch's layers, top first: follow parent_id down to the base
-_STACK_SQL = """
+# a branch's layers, top first: follow parent_id down to the base.  Bounded: in a
+# damaged store whose parent links form a cycle the recursion would never end (every
+# command hung); a stack this deep is reported as damage instead
+STACK_LIMIT = 100_000
+_STACK_SQL = f"""
 WITH RECURSIVE stack(id, parent_id, kind, depth) AS (
     SELECT id, parent_id, kind, 0 FROM layers WHERE id = ?
     UNION ALL
     SELECT l.id, l.parent_id, l.kind, stack.depth + 1
     FROM layers AS l JOIN stack ON l.id = stack.parent_id
+    WHERE stack.depth < {STACK_LIMIT}
 )
 SELECT id, kind FROM stack ORDER BY depth
 """
@@ -336,6 +340,9 @@ class Store:
         are at the bottom of them (one query, however deep the stack).  *execute*: a
         cursor's or a connection's (exec_driver_sql)."""
         rows = execute(_STACK_SQL, (top,)).fetchall()
+        if len(rows) > STACK_LIMIT:
+            raise StoreError(f"the layer table of this store is damaged: the stack of "
+                             f"layer {top} loops (run `agentfs fsck`)")
         snapshots = 0
         for _lid, kind in rows:
             snapshots = snapshots + 1 if kind == "snapshot" else 0
