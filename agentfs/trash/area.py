@@ -200,6 +200,7 @@ class TrashArea:
         self._jbytes = 0
         self._pending: dict[str, dict[str, Any]] = {}
         self._pending_since = 0.0  # time.monotonic() of the oldest pending record
+        self._flush_failing = False  # the last flush failed (its warning was given)
 
     @property
     def host(self) -> HostDir:
@@ -307,8 +308,15 @@ class TrashArea:
             for item_id, meta in self._pending.items():
                 self._write_file(item_id, meta)
         except OSError as exc:  # all stay pending, the journal keeps them
-            log.warning("trash: cannot write pending records: %s", exc)
+            # said once per outage: the daemon retries every second while the disk is full
+            if not self._flush_failing:
+                log.warning("trash: cannot write pending records: %s (retrying quietly)",
+                            exc)
+                self._flush_failing = True
             return 0
+        if self._flush_failing:
+            log.warning("trash: pending records written again (%d)", len(self._pending))
+            self._flush_failing = False
         n = len(self._pending)
         self._pending.clear()
         if self._jfd is not None and self._jbytes:
