@@ -31,6 +31,7 @@ import pytest
 from mountutil import DEFAULT_IMPL, MountedBranch, _alive, is_mounted, mounted_branch
 
 from agentfs.branches.store import Store
+from agentfs.trash.area import TrashArea
 from agentfs.workflow.fsck import fsck
 
 pytestmark = pytest.mark.mount
@@ -119,6 +120,7 @@ class Model:
         self.prefix: dict[str, tuple[int, str]] = {}  # appended base file -> fsynced prefix
         self.either: dict[str, tuple[str | None, str | None]] = {}  # in flight: old or new
         self.touched: set[str] = set()  # base files opened for appending since the last check
+        self.trashed: list[tuple[str, str]] = []  # (path, sha) the trash must hold
         self.ops = 0
 
     def read_log(self, log: Path) -> None:
@@ -137,11 +139,15 @@ class Model:
             elif op == "rename-begin":
                 self.either[path] = (self.exact.get(path), rec["sha"])
             elif op == "rename-done":
-                self.exact[path] = self.either.pop(path)[1]
+                old, self.exact[path] = self.either.pop(path)
+                if old is not None:
+                    self.trashed.append((path, old))
             elif op == "unlink-begin":
                 self.either[path] = (self.exact.get(path), None)
             elif op == "unlink-done":
-                self.either.pop(path)
+                old = self.either.pop(path)[0]
+                if old is not None:
+                    self.trashed.append((path, old))
                 self.exact[path] = None
 
     def check(self, mnt: Path) -> None:
@@ -153,6 +159,8 @@ class Model:
         for path, (old, new) in list(self.either.items()):
             got = _sha(mnt / path)
             assert got in (old, new), f"{path}: neither old nor new after a kill"
+            if old is not None and got != old:
+                self.trashed.append((path, old))
             self.exact[path] = got
             del self.either[path]
         for path in self.base_files:
@@ -171,6 +179,23 @@ class Model:
         for dirpath, dirs, files in os.walk(mnt):
             for name in dirs + files:
                 assert not name.startswith("tmp."), f"staging visible: {dirpath}/{name}"
+
+
+    def check_trash(self, store: Path) -> None:
+        """Every file deleted or replaced by a rename is in the trash, with its content
+        (a kill in the middle of the deletion included)."""
+        area = TrashArea(store)
+        held = set()
+        try:
+            for item in area.items():
+                data = area.root / item.data_rel("")
+                if data.is_file():
+                    held.add((item.meta.get("path"),
+                              hashlib.sha256(data.read_bytes()).hexdigest()))
+        finally:
+            area.close()
+        missing = [t for t in self.trashed if t not in held]
+        assert missing == [], f"deleted content not in the trash: {missing[:5]}"
 
 
 def _describe(path: Path) -> str:
@@ -288,6 +313,7 @@ def run_kill_points(tmp_path: Path, rounds: int, seed: int) -> None:
             mb.mount()
             t = took("umount+mount", t)
             model.check(mb.mountpoint)
+            model.check_trash(mb.store)
             took("verify", t)
             survived += 1
         mb.unmount()

@@ -468,33 +468,32 @@ class Overlay:
             tmp = self._make_whiteout(stamp)
             if st is None:
                 self.work.rename_to(tmp, self.tree, path)
-                return
-            self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
-            self._discard(tmp, st, ino, path)
+            elif stat.S_ISDIR(st.st_mode):  # only whiteouts inside: nothing to keep
+                self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
+                self.work.remove_tree(tmp)
+                self.top.drop_meta(st.st_ino)
+            else:
+                self._keep_then(path, st, ino, lambda: self.work.rename_to(tmp, self.tree, path))
         elif st is not None:
             if stat.S_ISDIR(st.st_mode):
                 self.tree.remove_tree(path)
                 self.top.drop_meta(st.st_ino)
-            elif self._pinned(ino) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                self._orphan(self.tree, path, ino, path)
             else:
-                self._bury(self.tree, path, st, path)
+                self._keep_then(path, st, ino, lambda: self.tree.unlink(path))
 
-    def _discard(self, work_rel: str, st: os.stat_result, ino: int, path: str) -> None:
-        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._pinned(ino):
-            self._orphan(self.work, work_rel, ino, path)
-        elif stat.S_ISDIR(st.st_mode):
-            self.work.remove_tree(work_rel)
-            self.top.drop_meta(st.st_ino)
-        else:
-            self._bury(self.work, work_rel, st, path)
-
-    def _bury(self, host: HostDir, rel: str, st: os.stat_result, path: str) -> None:
-        """Destroy a non-directory of the top layer: into the trash if its last name."""
+    def _keep_then(self, path: str, st: os.stat_result, ino: int,
+                   remove: Callable[[], None]) -> None:
+        """Give a top-tree non-directory that is being deleted the name that keeps it
+        (the trash, or work/orphans while it is still referenced) before *remove*
+        takes its name in the view: a daemon killed in between leaves the file where
+        it was, never only in work/, which the next mount clears."""
+        if self._pinned(ino) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            self._orphan(self.tree, path, ino, path, link=True)
+            remove()
+            return
         if self.trash is not None and st.st_nlink == 1:
-            self.trash.take(path, host, rel, st, self._reason)
-        else:
-            host.unlink(rel)
+            self.trash.take(path, self.tree, path, st, self._reason, link=True)
+        remove()
         self.top.drop_meta(st.st_ino)
 
     def _pinned(self, ino: int) -> bool:
