@@ -275,6 +275,10 @@ class Overlay:
         for fh in self._by_ino.get(ino, ()):
             st = os.fstat(self.handles[fh].fd)
             return Attr.from_stat(ino, st, nlink=0)
+        orphan = self._orphans.get(ino)  # removed, still held by the kernel (fstat)
+        kept = self.work.try_lstat(orphan) if orphan is not None else None
+        if kept is not None:
+            return Attr.from_stat(ino, kept, nlink=0)
         raise FsError(errno.ENOENT)
 
     def exists(self, path: str) -> bool:
@@ -470,16 +474,27 @@ class Overlay:
                 self.work.rename_to(tmp, self.tree, path)
             elif stat.S_ISDIR(st.st_mode):  # only whiteouts inside: nothing to keep
                 self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
-                self.work.remove_tree(tmp)
-                self.top.drop_meta(st.st_ino)
+                self._drop_dir(self.work, tmp, st, ino)
             else:
                 self._keep_then(path, st, ino, lambda: self.work.rename_to(tmp, self.tree, path))
         elif st is not None:
             if stat.S_ISDIR(st.st_mode):
-                self.tree.remove_tree(path)
-                self.top.drop_meta(st.st_ino)
+                self._drop_dir(self.tree, path, st, ino)
             else:
                 self._keep_then(path, st, ino, lambda: self.tree.unlink(path))
+
+    def _drop_dir(self, host: HostDir, rel: str, st: os.stat_result, ino: int) -> None:
+        """Remove a directory that is empty in the view (whiteouts at most).  While the
+        kernel still holds it, it waits in work/orphans like an unlinked open file: the
+        host must not give its inode number to a new object the kernel would take for
+        it (a program in the removed directory saw EIO once the new one was announced)."""
+        if self._pinned(ino):
+            name = f"{_ORPHANS}/{ino}.{copyup.temp_name()}"
+            host.rename_to(rel, self.work, name)
+            self._orphans[ino] = name
+            return
+        host.remove_tree(rel)
+        self.top.drop_meta(st.st_ino)
 
     def _keep_then(self, path: str, st: os.stat_result, ino: int,
                    remove: Callable[[], None]) -> None:
@@ -487,8 +502,8 @@ class Overlay:
         (the trash, or work/orphans while it is still referenced) before *remove*
         takes its name in the view: a daemon killed in between leaves the file where
         it was, never only in work/, which the next mount clears."""
-        if self._pinned(ino) and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-            self._orphan(self.tree, path, ino, path, link=True)
+        if self._pinned(ino) and st.st_nlink == 1:
+            self._orphan(self.tree, path, ino, path)
             remove()
             return
         if self.trash is not None and st.st_nlink == 1:
@@ -499,15 +514,12 @@ class Overlay:
     def _pinned(self, ino: int) -> bool:
         return self.inodes.referenced(ino) or bool(self._by_ino.get(ino))
 
-    def _orphan(self, host: HostDir, rel: str, ino: int, path: str, link: bool = False) -> None:
-        """Keep an unlinked-but-referenced file alive (so its host inode isn't reused).
-        *link*: a second name is made and the caller replaces *rel* atomically (rename
-        over): moving it away first left a window where a killed daemon lost the file."""
+    def _orphan(self, host: HostDir, rel: str, ino: int, path: str) -> None:
+        """Keep an unlinked-but-referenced non-directory alive (so its host inode isn't
+        reused) by a second name; the caller then removes or replaces *rel* (moving it
+        away first left a window where a killed daemon lost the file)."""
         name = f"{_ORPHANS}/{ino}.{copyup.temp_name()}"
-        if link:
-            host.link_to(rel, self.work, name)
-        else:
-            host.rename_to(rel, self.work, name)
+        host.link_to(rel, self.work, name)
         self._orphans[ino] = name
         if self.trash is not None:
             if self._by_ino.get(ino):  # open: the entry is final only at the last close
@@ -523,7 +535,10 @@ class Overlay:
         name = self._orphans.pop(ino, None)
         if name is not None:
             st = self.work.try_lstat(name)
-            self.work.unlink(name)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                self.work.remove_tree(name)
+            else:
+                self.work.unlink(name)
             if st is not None:
                 self.top.drop_meta(st.st_ino)
             if self.trash is not None:
@@ -821,11 +836,10 @@ class Overlay:
             replaced_stamp = self.top.meta(self.tree, dst, dst_st).get("bst") or replaced_stamp
         if dst_st is not None:
             if stat.S_ISDIR(dst_st.st_mode):
-                self.tree.remove_tree(dst)  # empty in the view: only whiteouts inside
-            elif (stat.S_ISREG(dst_st.st_mode) and dst_st.st_nlink == 1
-                  and self._pinned(replaced_ino)):
+                self._drop_dir(self.tree, dst, dst_st, replaced_ino)  # only whiteouts inside
+            elif dst_st.st_nlink == 1 and self._pinned(replaced_ino):
                 self._reason = "rename_over"
-                self._orphan(self.tree, dst, replaced_ino, dst, link=True)
+                self._orphan(self.tree, dst, replaced_ino, dst)
             elif (self.trash is not None and dst_st.st_nlink == 1
                   and not self.top.is_whiteout(dst, dst_st)):
                 # linked, not moved: the rename below replaces the name atomically

@@ -74,9 +74,10 @@ class Listing:
     ext4's hash cookies), means "resume after this name" in every snapshot, so no
     unchanged name is repeated or lost."""
 
-    __slots__ = ("cookies", "names", "path", "taken")
+    __slots__ = ("cookies", "names", "nodeid", "path", "taken")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, nodeid: int, path: str) -> None:
+        self.nodeid = nodeid
         self.path = path
         self.names: list[str] = []
         self.cookies: list[int] = []
@@ -669,7 +670,7 @@ class KernelOperations:
             # records for it (the directory's version when that READDIR is sent)
             fh = self._next_dir
             self._next_dir += 1
-            self._dirs[fh] = Listing(path)
+            self._dirs[fh] = Listing(nodeid, path)
             return p.OPEN_OUT.pack(32, 0, unique, fh, DIR_OPEN_FLAGS, 0)
 
         return self._go(self.gate.check(pid, uid, (("readdir", path),)), path, unique, pid,
@@ -679,6 +680,13 @@ class KernelOperations:
         """The handle's snapshot, its cookies, and where *offset* resumes in it."""
         listing = self._dirs[fh]
         if offset == 0 or not listing.taken:  # (re)start: a fresh snapshot
+            # where the directory is now (renamed since the open?); removed: ENOENT, as
+            # a plain directory reads once it is gone (not the listing of whatever
+            # has its old name now)
+            paths = self.ov.inodes.paths_or_none(listing.nodeid)
+            if not paths:
+                raise FsError(errno.ENOENT)
+            listing.path = paths[0]
             listing.take(self.ov.listdir(listing.path))
         return listing.path, listing.names, listing.cookies, listing.resume(offset)
 
