@@ -17,6 +17,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -375,15 +376,64 @@ NETWORK_PROBE = textwrap.dedent("""\
 
 
 @pytest.mark.timeout(60)
-def test_no_network_leaves_only_loopback(project: Project) -> None:
+def test_no_network_by_default_only_loopback(project: Project) -> None:
     project.cli("branch", "create", "b")
-    r = json.loads(_ok(project.run("--branch", "b", "--no-network", "--", PY, "-c",
-                                   NETWORK_PROBE)))
-    assert r == {"interfaces": ["lo"], "loopback": "ping"}
-    shared = json.loads(_ok(project.run("--branch", "b", "--", PY, "-c", NETWORK_PROBE)))
+    for flag in ((), ("--no-network",)):
+        r = json.loads(_ok(project.run("--branch", "b", *flag, "--", PY, "-c",
+                                       NETWORK_PROBE)))
+        assert r == {"interfaces": ["lo"], "loopback": "ping"}, flag
+    shared = json.loads(_ok(project.run("--branch", "b", "--network", "--", PY, "-c",
+                                        NETWORK_PROBE)))
     with open("/proc/net/dev") as f:
         host = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
     assert shared["interfaces"] == host
+    project.assert_no_residue()
+
+
+COHORT_PROBE = textwrap.dedent("""    import errno, json, os, socket, sys
+    port, outside = int(sys.argv[1]), int(sys.argv[2])
+    out = {}
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        out["egress"] = "connected"
+    except OSError as exc:
+        out["egress"] = errno.errorcode.get(exc.errno, str(exc))
+    try:
+        os.kill(outside, 0)
+        out["kill"] = "ok"
+    except OSError as exc:
+        out["kill"] = errno.errorcode[exc.errno]
+    out["outside_in_proc"] = os.path.exists(f"/proc/{outside}")
+    out["pids"] = sorted(int(n) for n in os.listdir("/proc") if n.isdigit())
+    print(json.dumps(out))
+    """)
+
+
+@pytest.mark.timeout(60)
+def test_the_command_reaches_only_its_own_cohort(project: Project) -> None:
+    """By default: a service on the host's loopback is out of reach (the sandbox has a
+    loopback of its own), and a process outside cannot be signalled or even seen."""
+    project.cli("branch", "create", "b")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    outside = subprocess.Popen(["sleep", "60"])
+    try:
+        port = server.getsockname()[1]
+        r = json.loads(_ok(project.run("--branch", "b", "--", PY, "-c", COHORT_PROBE,
+                                       str(port), str(outside.pid))))
+        assert r["egress"] == "ECONNREFUSED", r
+        assert r["kill"] == "ESRCH" and not r["outside_in_proc"], r
+        assert r["pids"][0] == 1 and max(r["pids"]) < 100, r["pids"]
+        assert outside.poll() is None
+        # with --network the same service answers (the test reaches the host at all)
+        r = json.loads(_ok(project.run("--branch", "b", "--network", "--", PY, "-c",
+                                       COHORT_PROBE, str(port), str(outside.pid))))
+        assert r["egress"] == "connected" and r["kill"] == "ESRCH", r
+    finally:
+        outside.kill()
+        outside.wait()
+        server.close()
     project.assert_no_residue()
 
 

@@ -19,9 +19,9 @@ def run(ctx: typer.Context,
         full: bool = typer.Option(False, "--full",
                                   help="the whole root through the overlay: every write "
                                        "in the system goes to a branch (slower)"),
-        network: bool = typer.Option(True, "--network/--no-network",
-                                     help="share the host's network, or only a private "
-                                          "loopback"),
+        network: bool = typer.Option(False, "--network/--no-network",
+                                     help="share the host's network (default: off, only "
+                                          "a private loopback: no egress)"),
         keep_mount: bool = typer.Option(False, "--keep-mount",
                                         help="leave the branch mounted after CMD exits"),
         cmd: list[str] = typer.Argument(..., metavar="CMD",
@@ -32,8 +32,10 @@ def run(ctx: typer.Context,
     Inside, the project's directory shows the branch (read-write, through
     the overlay; the base is never written), the rest of the system is
     read-only (with --full: writable too, through a root branch of its own
-    in <agentfs home>/root-store), /tmp is private, /proc shows only the sandbox's processes,
-    and the store and credentials (~/.ssh, cloud keys, ...) are hidden.
+    in <agentfs home>/root-store), /tmp is private, /proc shows only the sandbox's processes
+    (a pid namespace: CMD can signal and ptrace only its own), the network is a private
+    loopback unless --network, and the store and credentials (~/.ssh, cloud keys, ...)
+    are hidden.
     Needs root; started through sudo, CMD runs as the invoking user,
     otherwise as root without the dangerous capabilities.
 

@@ -72,7 +72,7 @@ class RunRequest:
     cmd: tuple[str, ...]
     create: bool = False
     policy: str | None = None
-    network: bool = True
+    network: bool = False  # egress only when asked for (--network)
     keep_mount: bool = False
     full: bool = False
 

@@ -243,7 +243,7 @@ FULL_MESSAGE = ("--full is Linux-only: FUSE-T cannot serve a whole-root overlay 
 
 
 def run(store: Store, *, branch: str, cmd: list[str], create: bool = False,
-        policy: str | None = None, network: bool = True, keep_mount: bool = False,
+        policy: str | None = None, network: bool = False, keep_mount: bool = False,
         full: bool = False) -> int:
     """Run *cmd* in the branch's mount under sandbox-exec; return its exit status."""
     if full:
