@@ -3,11 +3,13 @@ golden file, SBPL string escaping of awkward paths, and the command lines."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from agentfs.sandbox import macos
+from agentfs.errors import UsageError
+from agentfs.sandbox import machlookup, macos
 from agentfs.sandbox.nsinit import Identity
 
 GOLDEN = Path(__file__).parent / "golden" / "seatbelt_profile.sb"
@@ -55,7 +57,7 @@ def forms(profile: str) -> list[str]:
             _, i = parse_sbpl_string(profile, i)
             continue
         elif ch == "#" and profile[i + 1] == '"':
-            _, i = parse_sbpl_string(profile, i + 1)
+            i = profile.index('"', i + 2) + 1  # a regex literal: raw, up to its quote
             continue
         elif ch == "(":
             if depth == 0:
@@ -75,6 +77,8 @@ def strings_in(profile: str) -> list[str]:
     while i < len(profile):
         if profile[i] == ";":
             i = profile.index("\n", i)
+        elif profile[i] == "#" and profile[i + 1] == '"':
+            i = profile.index('"', i + 2) + 1
         elif profile[i] == '"':
             value, i = parse_sbpl_string(profile, i)
             found.append(value)
@@ -175,3 +179,96 @@ def test_working_directory_maps_into_the_mount() -> None:
     assert macos.map_cwd("/Users/dev/proj/src/x", "/Users/dev/proj", "/m") == "/m/src/x"
     assert macos.map_cwd("/Users/dev/project2", "/Users/dev/proj", "/m") == "/m"
     assert macos.map_cwd("/", "/Users/dev/proj", "/m") == "/m"
+
+
+# -- mach-lookup lists ------------------------------------------------------------------------
+GOLDEN_ALLOW = Path(__file__).parent / "golden" / "seatbelt_profile_allow_default.sb"
+ALLOW_MODE = machlookup.MachLookup(
+    default_action="allow", allow=("com.apple.windowserver.active",),
+    block=("com.apple.authd", "com.apple.coreservices.appleevents"),
+    allow_prefixes=("com.example.build",),
+    block_prefixes=("com.apple.windowserver", "com.apple.iohid"))
+
+
+def test_allow_default_profile_matches_its_golden_file() -> None:
+    profile = macos.seatbelt_profile(MOUNT, MOUNT + "/src", [TMP], network=True,
+                                     mach=ALLOW_MODE)
+    assert profile == GOLDEN_ALLOW.read_text(encoding="utf-8")
+
+
+def mach_rules(profile: str) -> list[tuple[str, list[str]]]:
+    """(allow|deny, [filters]) of every mach-lookup rule, in order."""
+    out = []
+    for m in re.finditer(r"\((allow|deny) mach-lookup((?:\n  \([^\n]*\))*)\)?", profile):
+        out.append((m.group(1), re.findall(r'\(global-name(?:-regex)? #?"([^"]*)"\)',
+                                           m.group(2))))
+    return out
+
+
+def decide(profile: str, service: str) -> str:
+    """What Seatbelt decides for a mach-lookup of *service*: the last matching rule
+    (a rule without filters matches everything; (deny default) is the start)."""
+    verdict = "deny"
+    for action, filters in mach_rules(profile):
+        if not filters or any(service == f or (f.startswith("^") and
+                                                re.match(f, service)) for f in filters):
+            verdict = action
+    return verdict
+
+
+def test_defaults_allow_developer_services_and_block_injection_and_dialogs() -> None:
+    profile = macos.seatbelt_profile(MOUNT, MOUNT, [TMP], network=False)
+    for service in ("com.apple.system.logger", "com.apple.trustd", "com.apple.cfprefsd.agent",
+                    "com.apple.system.opendirectoryd.libinfo"):
+        assert decide(profile, service) == "allow", service
+    for service in ("com.apple.iohideventsystem", "com.apple.authd",
+                    "com.apple.coreservices.appleevents", "com.apple.windowserver.active",
+                    "com.apple.SecurityAgent.login", "com.apple.tccd", "com.example.other"):
+        assert decide(profile, service) == "deny", service
+
+
+def test_precedence_exact_beats_prefix_block_beats_allow() -> None:
+    profile = macos.seatbelt_profile(MOUNT, MOUNT, [TMP], network=False, mach=ALLOW_MODE)
+    assert decide(profile, "com.example.anything") == "allow"           # the default
+    assert decide(profile, "com.example.build.cache") == "allow"        # allowed prefix
+    assert decide(profile, "com.apple.iohideventsystem") == "deny"      # blocked prefix
+    assert decide(profile, "com.apple.windowserver.active") == "allow"  # exact over prefix
+    assert decide(profile, "com.apple.windowserver") == "deny"
+    assert decide(profile, "com.apple.authd") == "deny"                 # exact block
+    both = machlookup.MachLookup(allow_prefixes=("com.x",), block_prefixes=("com.x",))
+    assert decide(macos.seatbelt_profile(MOUNT, MOUNT, [TMP], network=False, mach=both),
+                  "com.x.y") == "deny"                                  # block over allow
+
+
+def test_blocked_resolvers_stay_blocked_with_network() -> None:
+    m = machlookup.MachLookup(block=("com.apple.mDNSResponder",))
+    profile = macos.seatbelt_profile(MOUNT, MOUNT, [TMP], network=True, mach=m)
+    assert decide(profile, "com.apple.mDNSResponder") == "deny"
+    assert decide(profile, "com.apple.dnssd.service") == "allow"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"default_action": "maybe"}, "allow or deny"),
+    ({"allow": "com.apple.x"}, "list of service names"),
+    ({"block": ['com.x")(allow default)']}, "not a Mach service name"),
+    ({"allow": ["com.a"], "block": ["com.a"]}, "both allowed and blocked"),
+    ({"allowed": []}, "unknown key 'allowed'"),
+])
+def test_bad_settings_are_refused_clearly(data: dict[str, object], message: str) -> None:
+    with pytest.raises(UsageError) as exc:
+        machlookup.from_mapping(data)
+    assert message in str(exc.value)
+
+
+def test_settings_file(tmp_path: Path) -> None:
+    assert machlookup.load(tmp_path / "missing.yaml") == machlookup.MachLookup()
+    good = tmp_path / "seatbelt.yaml"
+    good.write_text("mach_lookup:\n  default_action: allow\n  block_prefixes: [com.evil]\n")
+    m = machlookup.load(good)
+    assert m.default_action == "allow" and m.block_prefixes == ("com.evil",)
+    assert m.allow == machlookup.DEFAULT_ALLOW  # lists not given keep their defaults
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mach_lookup:\n  allow: [a\n  block: b\n")
+    with pytest.raises(UsageError) as exc:
+        machlookup.load(bad)
+    assert str(exc.value).startswith(f"{bad}:") and "YAML" in str(exc.value)

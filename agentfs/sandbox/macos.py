@@ -33,9 +33,10 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from agentfs.branches.store import Store
+from agentfs.branches.store import Store, agentfs_home
 from agentfs.errors import UserError
-from agentfs.sandbox import launch
+from agentfs.sandbox import launch, machlookup
+from agentfs.sandbox.machlookup import MachLookup, sbpl_rules
 from agentfs.sandbox.nsinit import Identity
 
 SANDBOX_EXEC = "/usr/bin/sandbox-exec"
@@ -53,13 +54,7 @@ SYSTEM_READ_LITERALS = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom",
 SYSTEM_CODE_SUBPATHS = ("/usr", "/bin", "/sbin", "/System", "/Library", "/opt/homebrew",
                         "/Applications/Xcode.app", "/private/var/db/dyld")
 DEVICE_WRITE_LITERALS = ("/dev/null", "/dev/zero", "/dev/tty", "/dev/dtracehelper")
-# The services compilers, interpreters and git need: logging, notifications, user and
-# group lookups (getpwuid), preferences, system configuration, certificate trust.
-MACH_SERVICES = ("com.apple.system.logger", "com.apple.system.notification_center",
-                 "com.apple.system.opendirectoryd.libinfo",
-                 "com.apple.system.opendirectoryd.membership", "com.apple.cfprefsd.daemon",
-                 "com.apple.cfprefsd.agent", "com.apple.SystemConfiguration.configd",
-                 "com.apple.trustd", "com.apple.trustd.agent", "com.apple.SecurityServer")
+# Mach services: see agentfs.sandbox.machlookup (allow and block lists, prefixes)
 NETWORK_MACH_SERVICES = ("com.apple.dnssd.service", "com.apple.mDNSResponder")
 
 _HEX_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
@@ -111,11 +106,14 @@ def _filters(kind: str, paths: Iterable[str]) -> str:
 
 
 def seatbelt_profile(mountpoint: str | Path, cwd: str | Path,
-                     writable_extra: Sequence[str | Path], network: bool) -> str:
+                     writable_extra: Sequence[str | Path], network: bool,
+                     mach: MachLookup | None = None) -> str:
     """The SBPL profile for a run: deny by default; the system readable; the mount
-    and *writable_extra* (private temporary directories) readable and writable; the
-    network only if *network*.  Paths must be absolute and canonical (Seatbelt
-    matches /private/var/..., not the /var symlink)."""
+    and *writable_extra* (private temporary directories) readable and writable; Mach
+    services as *mach* says (the defaults if None); the network only if *network*.
+    Paths must be absolute and canonical (Seatbelt matches /private/var/..., not the
+    /var symlink)."""
+    mach = mach or MachLookup()
     mount = _absolute(mountpoint)
     here = _absolute(cwd)
     extra = [_absolute(p) for p in writable_extra]
@@ -132,8 +130,7 @@ def seatbelt_profile(mountpoint: str | Path, cwd: str | Path,
         "(allow signal (target self))",
         "(allow signal (target same-sandbox))",
         "(allow sysctl-read)",
-        "(allow mach-lookup",
-        _filters("global-name", MACH_SERVICES) + ")",
+        *sbpl_rules(mach),
         '(allow ipc-posix-shm-read-data (ipc-posix-name "apple.shm.notification_center"))',
         "",
         ";; the system, read-only",
@@ -157,11 +154,12 @@ def seatbelt_profile(mountpoint: str | Path, cwd: str | Path,
         _filters("subpath", rw) + ")",
     ]
     if network:
+        resolvers = [n for n in NETWORK_MACH_SERVICES if n not in mach.block]
         sections += ["", ";; --network",
                      "(allow network*)",
-                     "(allow system-socket)",
-                     "(allow mach-lookup",
-                     _filters("global-name", NETWORK_MACH_SERVICES) + ")"]
+                     "(allow system-socket)"]
+        if resolvers:
+            sections += ["(allow mach-lookup", _filters("global-name", resolvers) + ")"]
     return "\n".join(sections) + "\n"
 
 
@@ -266,7 +264,8 @@ def run(store: Store, *, branch: str, cmd: list[str], create: bool = False,
                                         MACOS_VIEW_OPS)
             mount = os.path.realpath(lease.mountpoint)
             start = map_cwd(os.path.realpath(cwd), os.path.realpath(store.base), mount)
-            argv = launch_command(cmd, seatbelt_profile(mount, start, [tmp], network))
+            mach = machlookup.load(agentfs_home() / "seatbelt.yaml")
+            argv = launch_command(cmd, seatbelt_profile(mount, start, [tmp], network, mach))
             env = dict(os.environ, TMPDIR=tmp + "/", PWD=start)
             if user is not None:
                 env.update(HOME=user.home, USER=user.name, LOGNAME=user.name)
