@@ -20,6 +20,7 @@ from agentfs.cli import (
     approval_cmds,
     audit_cmds,
     branch,
+    doctor_cmd,
     fsck_cmd,
     mount_cmds,
     policy_cmds,
@@ -58,6 +59,7 @@ def _global(ctx: typer.Context,
 app.command("init")(store_cmds.init)
 app.command("status")(store_cmds.status)
 app.command("fsck")(fsck_cmd.fsck)
+app.command("doctor")(doctor_cmd.doctor)
 app.command("mount")(mount_cmds.mount)
 app.command("umount")(mount_cmds.umount)
 app.command("exec", context_settings={"ignore_unknown_options": True})(session_cmds.exec_)

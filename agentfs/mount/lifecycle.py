@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from agentfs import capabilities
 from agentfs.branches.store import Store, load_registry, mounted_paths, require_utf8_path
 from agentfs.errors import MountError, NotFoundError, UsageError, UserError
 from agentfs.policy.loader import load_policy
@@ -56,14 +57,9 @@ def choose_impl(impl: str | None, per_process: bool = False) -> str:
 
 
 def check_fuse() -> None:
-    """Fail with one clear line if this machine cannot mount FUSE filesystems."""
-    if not os.path.exists("/dev/fuse"):
-        raise MountError("FUSE is unavailable: /dev/fuse does not exist "
-                        "(load the fuse module or run with --device /dev/fuse)")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise MountError("FUSE is unavailable: no permission to open /dev/fuse")
-    if shutil.which("fusermount3") is None:
-        raise MountError("FUSE is unavailable: fusermount3 not found (apt install fuse3)")
+    """Fail with one clear line if this machine cannot mount FUSE filesystems (the
+    line `agentfs doctor` shows for the missing piece)."""
+    capabilities.require_fuse()
 
 
 def check_mountpoint(mountpoint: Path, store: Store | None = None) -> str:
@@ -329,6 +325,8 @@ def unmount(mountpoint: Path, store: Store | None = None, lazy: bool = False) ->
     pid = find_mount_pid(path, store)
     with contextlib.suppress(OSError):
         _syncfs(path)
+    if shutil.which("fusermount3") is None:
+        raise MountError(capabilities.fusermount_message())
     cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [path]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if res.returncode != 0:

@@ -43,6 +43,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Final
 
+from agentfs import capabilities
 from agentfs.audit.recorder import finish_pending
 from agentfs.mount.boundary import errno_for
 from agentfs.mount.kernel import proto as p
@@ -136,7 +137,7 @@ class Session:
     def _mount_with_fusermount(self) -> None:
         tool = shutil.which("fusermount3")
         if tool is None:
-            raise MountError("fusermount3 not found (apt install fuse3)")
+            raise MountError(capabilities.fusermount_message())
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             res = subprocess.run(
