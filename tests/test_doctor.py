@@ -268,3 +268,37 @@ def test_messages_are_one_line() -> None:
     assert line.startswith("agentfs run cannot create namespaces here (unshare failed: "
                            "Operation not permitted)")
     assert capabilities.NAMESPACE_FIX in line and "\n" not in line
+
+
+def test_run_namespace_failure_is_the_doctor_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`agentfs run` where unshare(2) fails refuses with the line doctor's fix names."""
+    from agentfs.errors import UserError
+    from agentfs.sandbox import launch, linux
+
+    monkeypatch.setattr(linux, "namespace_problem", lambda flags: "Operation not permitted")
+    with pytest.raises(UserError) as err:
+        launch.check_namespaces(network=False)
+    assert str(err.value) == capabilities.namespaces_message("Operation not permitted")
+    assert err.value.exit_code == 1  # unchanged: `run` refusing is a failure, not a mount
+
+
+def test_macos_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On macOS the Linux rows are not applicable and FUSE-T/sandbox-exec are probed
+    (pretended here: the probes only look at paths)."""
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(capabilities, "FUSE_T_PATHS", (str(tmp_path / "libfuse-t.dylib"),))
+    monkeypatch.setattr(capabilities, "SANDBOX_EXEC", str(tmp_path / "sandbox-exec"))
+    for probe in (capabilities.probe_fuse_device, capabilities.probe_fusermount,
+                  lambda: capabilities.probe_namespace("mount")):
+        check = probe()
+        assert check.status == "not applicable" and check.detail == "Linux only"
+    fuse_t = capabilities.probe_fuse_t()
+    assert fuse_t.status == "missing" and fuse_t.needed_for == ("mount", "run")
+    with pytest.raises(capabilities.MountError) as err:
+        capabilities.require_fuse()
+    assert str(err.value) == fuse_t.message()
+    sbx = capabilities.probe_sandbox_exec()
+    assert sbx.status == "missing" and "agentfs run refuses to start" in sbx.consequence
+    (tmp_path / "libfuse-t.dylib").write_text("")
+    assert capabilities.probe_fuse_t().status == "ok"
+    capabilities.require_fuse()

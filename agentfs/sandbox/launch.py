@@ -49,6 +49,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
+from agentfs import capabilities
 from agentfs.branches.store import MountInfo, Store, agentfs_home, mounted_paths
 from agentfs.errors import UserError
 from agentfs.mount import control, lifecycle
@@ -96,9 +97,7 @@ def check_namespaces(network: bool) -> None:
     flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID | (0 if network else linux.CLONE_NEWNET)
     problem = linux.namespace_problem(flags)
     if problem:
-        raise UserError(f"agentfs run cannot create namespaces here (unshare failed: "
-                        f"{problem}); in a container it needs --privileged or "
-                        "CAP_SYS_ADMIN with an unconfined seccomp profile")
+        raise UserError(capabilities.namespaces_message(problem))
 
 
 def identity_from_env(environ: Mapping[str, str]) -> Identity | None:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from agentfs import capabilities
 from agentfs.branches.store import Store, agentfs_home
 from agentfs.errors import UserError
 from agentfs.sandbox import launch, machlookup
@@ -249,7 +250,7 @@ def run(store: Store, *, branch: str, cmd: list[str], create: bool = False,
     if not cmd:
         raise UserError("no command given: agentfs run --branch NAME -- CMD [ARGS...]")
     if not os.access(SANDBOX_EXEC, os.X_OK):
-        raise UserError(f"{SANDBOX_EXEC} is missing; agentfs run needs macOS's Seatbelt")
+        raise UserError(capabilities.probe_sandbox_exec().message())
     if create:
         launch.ensure_branch(store, branch)
     store.branch(branch)
