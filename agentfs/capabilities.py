@@ -1,23 +1,25 @@
 """What this machine offers agentfs: one probe per piece, each with its consequence and fix.
 
-`agentfs doctor` shows every probe; the commands that need a piece call `require()`
-before they start, so a missing piece is the same one line everywhere: what is
+`agentfs doctor` shows every probe; the commands that need a piece use the same
+probes before they start (`require_fuse` for mount and run, `fusermount_message`,
+`namespaces_message`), so a missing piece is the same one line everywhere: what is
 missing, what that means for agentfs, and how to fix it.
 
 A probe returns a `Check`.  `needed_for` names what fails without the piece:
 
-    mount              `agentfs mount --branch` (the default front end)
-    mount --per-process  `agentfs mount --per-process` (always pyfuse3 on Linux)
-    umount             `agentfs umount` (fusermount3 -u)
-    run                `agentfs run` (root, mount/pid/network namespaces on Linux;
-                       FUSE-T and sandbox-exec on macOS)
+    mount                `agentfs mount --branch` (the default front end)
+    mount --per-process  `agentfs mount --per-process` (pyfuse3 on Linux)
+    umount               `agentfs umount` (fusermount3 -u)
+    run                  `agentfs run` (root, mount/pid/network namespaces on Linux;
+                         FUSE-T and sandbox-exec on macOS)
 
 A piece that does not exist on this platform (FUSE-T on Linux, /dev/fuse on macOS)
 is "not applicable": never missing.
 
 Test/override knob: AGENTFS_DOCTOR_FUSE_DEVICE names the path the FUSE-device probe
 checks instead of /dev/fuse (tests point it at a nonexistent path to see what a
-machine without FUSE gets).  It changes only the probe: a mount still opens /dev/fuse.
+machine without FUSE gets, from doctor and from the check `agentfs mount` makes
+before it starts).  It changes only the probe: a mount still opens /dev/fuse.
 """
 
 from __future__ import annotations
@@ -195,17 +197,18 @@ def probe_fuse_device() -> Check:
                            f"{os.minor(st.st_rdev)}, opens read-write)", needed_for=needed)
 
 
-def probe_fusermount() -> Check:
+def probe_fusermount(version: bool = True) -> Check:
     """fusermount3 on PATH: agentfs mounts through it when not root and always
-    unmounts with it (`fusermount3 -u`), so `agentfs mount` insists on it."""
+    unmounts with it (`fusermount3 -u`), so `agentfs mount` insists on it.  The
+    version (one more exec) only when asked: a mount's check does without it."""
     name = "fusermount3"
     if not _linux():
         return _not_applicable(name, "Linux")
     tool = shutil.which("fusermount3")
     if tool is None:
         return _fusermount_missing()
-    version = _run_version([tool, "--version"])
-    return Check(name, OK, f"{tool}" + (f" ({version})" if version else ""),
+    found = _run_version([tool, "--version"]) if version else ""
+    return Check(name, OK, f"{tool}" + (f" ({found})" if found else ""),
                  needed_for=_fusermount_missing().needed_for)
 
 
@@ -461,7 +464,7 @@ def report() -> Report:
     front = probe_front_end()
     try:
         pinned, per_process = front_ends()
-    except Exception:
+    except UserError:  # reported by the front-end row; the bindings as by default
         pinned, per_process = ("kernel", "pyfuse3") if _linux() else ("mfusepy", "mfusepy")
     return Report(_platform(), (front, *(probe() for probe in probes(pinned, per_process))))
 
@@ -474,7 +477,7 @@ def mount_checks() -> Iterable[Callable[[], Check]]:
         yield probe_fuse_t
         return
     yield probe_fuse_device
-    yield probe_fusermount
+    yield lambda: probe_fusermount(version=False)
 
 
 def require_fuse() -> None:
