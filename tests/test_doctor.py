@@ -302,3 +302,12 @@ def test_macos_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / "libfuse-t.dylib").write_text("")
     assert capabilities.probe_fuse_t().status == "ok"
     capabilities.require_fuse()
+
+
+def test_mount_check_passes_here() -> None:
+    """What `agentfs mount` checks before it starts passes where doctor says ok."""
+    fully_equipped()
+    from agentfs.mount import lifecycle
+
+    lifecycle.check_fuse()
+    assert capabilities.report().ok
