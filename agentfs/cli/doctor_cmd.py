@@ -18,7 +18,7 @@ FEATURES = (("mount", "agentfs mount --branch"), ("mount --per-process",
 
 
 def doctor(as_json: bool = typer.Option(False, "--json", help="the report as JSON")) -> int:
-    """Check FUSE, the bindings, root and namespaces; say what is missing and how to fix it.
+    """What this machine offers agentfs (FUSE, root, namespaces), and how to fix the rest.
 
     Needs no store.  Exit 0: everything a mount needs is here (a missing piece
     only `agentfs run` needs is reported but does not fail); 5: something a
