@@ -13,6 +13,12 @@ import typer
 from agentfs.cli.common import open_store
 from agentfs.errors import UserError
 from agentfs.mount import lifecycle
+from agentfs.policy.approvals import (
+    NON_INTERACTIVE_ENV,
+    QUERIES_FROM_SESSIONS_ENV,
+    TERMINAL_ENV,
+    controlling_terminal,
+)
 from agentfs.policy.loader import load_policy
 
 
@@ -40,10 +46,19 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                                "mfusepy (macOS FUSE-T) or kernel (FUSE "
                                                "spoken directly, pinned only); or "
                                                "$AGENTFS_FUSE_IMPL"),
+          non_interactive: bool = typer.Option(
+              False, "--non-interactive",
+              help="deny `ask` rules at once instead of waiting for an answer (also "
+                   "with CI=true or AGENTFS_NON_INTERACTIVE=1)"),
+          queries_from_sessions: bool = typer.Option(
+              False, "--decision-queries-from-sessions",
+              help="per-process: processes inside sessions may ask the control socket "
+                   "for policy decisions (default: refused)"),
           debug: bool = typer.Option(False, "--debug", help="log every FUSE request")) -> None:
     """Mount a branch (or per-process views) at MOUNTPOINT; returns once it is ready."""
     store = open_store(ctx)
     what = f"branch {branch}" if branch else "per-process views"
+    pass_ask_settings(non_interactive, queries_from_sessions)
     if not foreground:
         pid = lifecycle.start_mount(store, branch, mountpoint, debug, per_process,
                                     default_branch, deny_unbound, policy, audit,
@@ -72,7 +87,9 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                 deny_unbound=deny_unbound, debug=debug,
                                 policy_path=os.path.abspath(policy) if policy else None,
                                 audit=audit, audit_strict=audit_strict,
-                                impl=lifecycle.choose_impl(impl, per_process))
+                                impl=lifecycle.choose_impl(impl, per_process),
+                                non_interactive=non_interactive,
+                                decision_queries_from_sessions=queries_from_sessions)
     if config.impl == "mfusepy":
         from agentfs.mount.mfuse_daemon import serve_mfusepy
 
@@ -86,6 +103,17 @@ def mount(ctx: typer.Context, mountpoint: Path,
     if failure:
         raise UserError(failure[0])
     raise typer.Exit(code)
+
+
+def pass_ask_settings(non_interactive: bool, queries_from_sessions: bool = False) -> None:
+    """Hand the daemon-to-be what it cannot find out itself, through the environment it
+    inherits: whether a person is at a terminal here (to answer `ask` rules), and the
+    flags (the background daemon's arguments are built by lifecycle.daemon_args)."""
+    os.environ[TERMINAL_ENV] = "1" if controlling_terminal() else "0"
+    if non_interactive:
+        os.environ[NON_INTERACTIVE_ENV] = "1"
+    if queries_from_sessions:
+        os.environ[QUERIES_FROM_SESSIONS_ENV] = "1"
 
 
 def umount(ctx: typer.Context, mountpoint: Path,

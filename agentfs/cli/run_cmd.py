@@ -24,6 +24,10 @@ def run(ctx: typer.Context,
                                           "a private loopback: no egress)"),
         keep_mount: bool = typer.Option(False, "--keep-mount",
                                         help="leave the branch mounted after CMD exits"),
+        non_interactive: bool = typer.Option(
+            False, "--non-interactive",
+            help="the branch's mount denies `ask` rules at once instead of waiting for "
+                 "an answer (also with CI=true or AGENTFS_NON_INTERACTIVE=1)"),
         cmd: list[str] = typer.Argument(..., metavar="CMD",
                                         help="the command and its arguments"),
         ) -> None:
@@ -43,8 +47,12 @@ def run(ctx: typer.Context,
     mount` or by another run), the sandbox uses that mount and its policy,
     so concurrent runs of one branch see each other's writes at once.  A
     mount this command started is unmounted by the last run using it,
-    unless --keep-mount."""
+    unless --keep-mount.  With --non-interactive a mount this command starts denies
+    `ask` rules at once; a mount that already exists keeps its own setting."""
+    from agentfs.cli.mount_cmds import pass_ask_settings
     from agentfs.sandbox import launch
+
+    pass_ask_settings(non_interactive)  # the sandbox starts the mount: it inherits these
 
     if sys.platform == "darwin":
         from agentfs.sandbox import macos

@@ -2,9 +2,10 @@
 
 Only the request that asked waits; pyfuse3 serves every request in its own trio task,
 so everybody else goes on.  The wait ends with the answer, at the ticket's deadline
-(the policy's on-timeout decision), or when the asking thread gets a signal: the
-kernel then sends FUSE_INTERRUPT, which pyfuse3 does not surface, so the thread's
-pending signals are looked at every `POLL` seconds and the wait ends with EINTR.
+(the policy's on-timeout decision; a deny when nobody listened), or when the asking
+thread gets a signal: the kernel then sends FUSE_INTERRUPT, which pyfuse3 does not
+surface, so the thread's pending signals are looked at every `POLL` seconds and the
+wait ends with EINTR.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ async def settle(verdict: Verdict, broker: ApprovalBroker, tid: int) -> None:
     if ticket.answer is None:
         answered = trio.Event()
         ticket.add_waker(answered.set)
-        with trio.move_on_after(max(0.0, ticket.deadline - time.monotonic())):
-            while not answered.is_set():
-                with trio.move_on_after(POLL):
-                    await answered.wait()
-                if not answered.is_set() and tid > 0 and interrupted(tid):
-                    broker.leave(ticket, "interrupted")
-                    raise FsError(errno.EINTR)
+        # the deadline is read again at every poll: a question waiting out the short
+        # grace of an unattended mount gets the full timeout once a prompts client looks
+        while not answered.is_set():
+            left = ticket.deadline - time.monotonic()
+            if left <= 0:
+                break
+            with trio.move_on_after(min(POLL, left)):
+                await answered.wait()
+            if not answered.is_set() and tid > 0 and interrupted(tid):
+                broker.leave(ticket, "interrupted")
+                raise FsError(errno.EINTR)
         if ticket.answer is None:
             broker.leave(ticket, "timeout")
     if (ticket.answer or ticket.on_timeout) != "allow":

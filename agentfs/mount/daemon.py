@@ -35,7 +35,12 @@ from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.layers import Layer
-from agentfs.policy.approvals import ApprovalBroker
+from agentfs.policy.approvals import (
+    QUERIES_FROM_SESSIONS_ENV,
+    ApprovalBroker,
+    Ticket,
+    ask_mode,
+)
 from agentfs.policy.callers import CallerResolver
 from agentfs.policy.guard import Guard
 from agentfs.policy.source import PolicySource
@@ -75,6 +80,8 @@ class MountConfig:
     audit: bool = True
     audit_strict: bool = False         # refuse operations while events cannot be recorded
     impl: str = "pyfuse3"              # the FUSE binding: pyfuse3, mfusepy or kernel
+    non_interactive: bool = False      # `ask` rules are denied at once (also CI=true, ...)
+    decision_queries_from_sessions: bool = False  # callers in sessions may ask decisions
 
 
 class Daemon:
@@ -85,7 +92,11 @@ class Daemon:
         self.store = store
         self.sessions = SessionTable()
         self.policy = PolicySource(config.policy_path)
-        self.broker = ApprovalBroker(str(os.getpid()))
+        self.broker = ApprovalBroker(str(os.getpid()), ask_mode(config.non_interactive,
+                                                                os.environ),
+                                     on_refused=self._ask_refused)
+        log.info("ask rules: %s%s", self.broker.mode.name,
+                 f" ({self.broker.mode.refuse})" if self.broker.mode.refuse else "")
         self.callers = CallerResolver()
         self.trash = Trash(store)
         self.trash.finalize_stale()
@@ -115,6 +126,12 @@ class Daemon:
             overlay = open_branch_view(store, config.branch, self.holder)
             self.ops = AgentfsOperations(overlay, guard=self._guard(overlay, config.branch),
                                          recorder=self._recorder(config.branch))
+        self.queries = control.DecisionQueries(
+            mountpoint=str(config.mountpoint), policy=self.policy, sessions=self.sessions,
+            callers=self.callers, audit=self.audit,
+            branch=config.default_branch if config.per_process else config.branch,
+            per_process=config.per_process,
+            from_sessions=config.decision_queries_from_sessions)
 
     @property
     def holder(self) -> str:
@@ -126,6 +143,16 @@ class Daemon:
         overlay.trash = self.trash.sink(branch)
         sessions = self.sessions if self.config.per_process else None
         return Guard(overlay, self.policy, self.broker, self.callers, branch, sessions)
+
+    def _ask_refused(self, ticket: Ticket) -> None:
+        """An `ask` no one can answer was denied: on record with the reason (the
+        request's own event says ask:deny; this one says why and how to allow it)."""
+        if self.audit is not None:
+            self.audit.emit(op="ask_refused", path=ticket.path, dst=ticket.reason,
+                            decision="deny", rule=ticket.rule, session=ticket.session,
+                            branch=ticket.branch, pid=ticket.pid, exe=ticket.exe,
+                            cmdline=ticket.command, policy_sha256=ticket.policy_sha256,
+                            errno=ticket.errno)
 
     def _recorder(self, branch: str) -> Recorder | None:
         return Recorder(self.audit, branch) if self.audit is not None else None
@@ -205,10 +232,16 @@ class Daemon:
         return ""
 
     def handle(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
-        """A control request (the socket already checked the peer's uid)."""
+        """A control request or a decision query (the socket already checked the
+        peer's uid)."""
+        if "type" in req:
+            return self.queries.answer(req, peer_pid)
         op = req.get("op")
+        if op is None:
+            return {"ok": False, "error": 'a request needs "op" (a control request) or '
+                                          '"type" (a decision query)'}
         if op == "ping":
-            return {"ok": True, "pid": os.getpid()}
+            return {"ok": True, "pid": os.getpid(), "asks": self.broker.mode.name}
         if op == "fork" and not isinstance(self.ops, PerProcessOperations):
             layer = Layer.open_store_layer(int(req["layer_id"]), str(req["layer_dir"]))
             self.ops.ov.push_top(layer)
@@ -221,6 +254,8 @@ class Daemon:
         if op == "reload":
             return self.reload_policies()
         if op == "prompts":
+            if self.sessions.session_of(peer_pid) is None:  # someone who may answer looks
+                self.broker.listener_seen()
             return {"ok": True, "prompts": [t.public() for t in self.broker.pending.values()]}
         if op == "answer":
             ticket = self.broker.pending.get(str(req.get("id")))
@@ -235,6 +270,7 @@ class Daemon:
                                    str(req.get("remember") or "once"))
             except ValueError as exc:
                 return {"ok": False, "error": str(exc)}
+            self.broker.listener_seen()
             return {"ok": True, "id": ticket.id}
         if op == "audit":  # for `agentfs status`
             return {"ok": True, "audit": None if self.audit is None else self.audit.stats()}
@@ -413,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", choices=IMPLS, default="pyfuse3")
     parser.add_argument("--no-audit", action="store_true")
     parser.add_argument("--audit-strict", action="store_true")
+    parser.add_argument("--non-interactive", action="store_true")
+    parser.add_argument("--decision-queries-from-sessions", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -430,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
                          default_branch=args.default_branch, deny_unbound=args.deny_unbound,
                          debug=args.debug, log_path=args.log_path,
                          policy_path=args.policy, audit=not args.no_audit,
-                         audit_strict=args.audit_strict, impl=args.impl)
+                         audit_strict=args.audit_strict, impl=args.impl,
+                         non_interactive=args.non_interactive,
+                         decision_queries_from_sessions=(
+                             args.decision_queries_from_sessions
+                             or os.environ.get(QUERIES_FROM_SESSIONS_ENV) == "1"))
     if config.impl == "mfusepy":
         from agentfs.mount.mfuse_daemon import serve_mfusepy
 

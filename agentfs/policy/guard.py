@@ -219,7 +219,10 @@ class Guard:
         approval = engine.policy.approval
         ticket = self.broker.ask(rule, op, path, pid, exe, command, process, sid,
                                  approval.timeout, approval.on_timeout,
-                                 approval.max_pending)
+                                 approval.max_pending, branch=self.branch,
+                                 policy_sha256=engine.policy.sha256, deny_errno=d.errno)
+        if ticket.answer == "deny":  # refused at once: no front end needs to wait
+            return Verdict(errno=d.errno, ticket=ticket, decision=d, op=op, path=path)
         return Verdict(ticket=ticket, decision=d, op=op, path=path)
 
     def _laundering(self, engine: PolicyEngine, caller: Caller, src: str, dst: str
