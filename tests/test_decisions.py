@@ -163,6 +163,10 @@ def test_bad_requests_get_an_error_and_the_connection_stays_usable(pinned: Mount
         assert reply["ok"] is False and "longer than" in reply["error"]
         with pytest.raises(ConnectionError):
             conn.reply()
+    # a client that hangs up without reading its replies: only its connection ends
+    with control.Connection(_sock(pinned.store, pinned.pid)) as conn:
+        conn.send_raw(b"".join(json.dumps(_file(mnt / f"src/{i}", "read")).encode()
+                               + b"\n" for i in range(2000)))
     with control.Connection(_sock(pinned.store, pinned.pid)) as conn:  # the daemon is fine
         assert conn.request({"type": "session", "pid": os.getpid()})["allow"] is False
 

@@ -139,7 +139,10 @@ async def serve(path: Path, handle: Handler) -> None:
 
     async def one(conn: trio.socket.SocketType) -> None:
         with conn:
-            await _connection(conn, handle)
+            try:
+                await _connection(conn, handle)
+            except OSError as exc:  # the client went away mid-reply: its business only
+                log.debug("control connection ended: %s", exc)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -156,19 +159,19 @@ def error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
 
-def _answer(line: bytes, handle: Handler, pid: int) -> dict[str, Any]:
-    """The reply to one request line."""
+def _answer(line: bytes, handle: Handler, pid: int) -> bytes:
+    """The reply line to one request line."""
     try:
         req = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
-        return error(f"malformed JSON: {exc}")
+        return _encode(error(f"malformed JSON: {exc}"))
     if not isinstance(req, dict):
-        return error(f"a request is a JSON object, not {type(req).__name__}")
+        return _encode(error(f"a request is a JSON object, not {type(req).__name__}"))
     try:
-        return handle(req, pid)
+        return _encode(handle(req, pid))
     except Exception as exc:
         log.exception("control request failed")
-        return error(f"{type(exc).__name__}: {exc}")
+        return _encode(error(f"{type(exc).__name__}: {exc}"))
 
 
 async def _connection(conn: trio.socket.SocketType, handle: Handler) -> None:
@@ -189,7 +192,7 @@ async def _connection(conn: trio.socket.SocketType, handle: Handler) -> None:
             return  # idle too long, or a line never finished
         if not chunk:
             if buf.strip():  # a last request without its newline, as before
-                await _send_all(conn, _encode(_answer(buf, handle, pid)))
+                await _send_all(conn, _answer(buf, handle, pid))
             return
         if not buf:
             line_deadline = trio.current_time() + LINE_TIMEOUT
@@ -202,7 +205,7 @@ async def _connection(conn: trio.socket.SocketType, handle: Handler) -> None:
                 oversized = True
                 break
             if line.strip():
-                replies.append(_encode(_answer(line, handle, pid)))
+                replies.append(_answer(line, handle, pid))
         oversized = oversized or len(buf) > MAX_REQUEST
         if oversized:
             replies.append(_encode(error(f"request line longer than {MAX_REQUEST} bytes; "
