@@ -69,12 +69,15 @@ def _ask(broker: ApprovalBroker, path: str = "ask/q1.txt", timeout: float = TIME
     (False, {"AGENTFS_NON_INTERACTIVE": "1"}, "non-interactive"),
     (False, {"AGENTFS_NON_INTERACTIVE": "0", "CI": "true"}, "interactive"),
     (True, {"AGENTFS_NON_INTERACTIVE": "0"}, "non-interactive"),
-    (False, {"AGENTFS_MOUNT_TERMINAL": "1"}, "interactive"),
-    (False, {"AGENTFS_MOUNT_TERMINAL": "0"}, "auto"),
 ])
 def test_the_mode_comes_from_the_flag_then_the_environment(
         flag: bool, environ: dict[str, str], expected: str) -> None:
     assert ask_mode(flag, environ).name == expected
+
+
+def test_a_terminal_at_the_start_means_someone_may_answer() -> None:
+    assert ask_mode(False, {}, terminal=True).name == "interactive"
+    assert ask_mode(False, {"CI": "true"}, terminal=True).name == "non-interactive"
 
 
 def test_non_interactive_refuses_at_once_and_says_how_to_allow() -> None:

@@ -13,12 +13,7 @@ import typer
 from agentfs.cli.common import open_store
 from agentfs.errors import UserError
 from agentfs.mount import lifecycle
-from agentfs.policy.approvals import (
-    NON_INTERACTIVE_ENV,
-    QUERIES_FROM_SESSIONS_ENV,
-    TERMINAL_ENV,
-    controlling_terminal,
-)
+from agentfs.policy.approvals import controlling_terminal
 from agentfs.policy.loader import load_policy
 
 
@@ -58,11 +53,11 @@ def mount(ctx: typer.Context, mountpoint: Path,
     """Mount a branch (or per-process views) at MOUNTPOINT; returns once it is ready."""
     store = open_store(ctx)
     what = f"branch {branch}" if branch else "per-process views"
-    pass_ask_settings(non_interactive, queries_from_sessions)
     if not foreground:
         pid = lifecycle.start_mount(store, branch, mountpoint, debug, per_process,
                                     default_branch, deny_unbound, policy, audit,
-                                    audit_strict, impl)
+                                    audit_strict, impl, non_interactive,
+                                    queries_from_sessions)
         typer.echo(f"mounted {what} at {mountpoint.resolve()} (daemon pid {pid})")
         return
     from agentfs.mount import daemon
@@ -89,6 +84,7 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                 audit=audit, audit_strict=audit_strict,
                                 impl=lifecycle.choose_impl(impl, per_process),
                                 non_interactive=non_interactive,
+                                terminal=controlling_terminal(),
                                 decision_queries_from_sessions=queries_from_sessions)
     if config.impl == "mfusepy":
         from agentfs.mount.mfuse_daemon import serve_mfusepy
@@ -103,17 +99,6 @@ def mount(ctx: typer.Context, mountpoint: Path,
     if failure:
         raise UserError(failure[0])
     raise typer.Exit(code)
-
-
-def pass_ask_settings(non_interactive: bool, queries_from_sessions: bool = False) -> None:
-    """Hand the daemon-to-be what it cannot find out itself, through the environment it
-    inherits: whether a person is at a terminal here (to answer `ask` rules), and the
-    flags (the background daemon's arguments are built by lifecycle.daemon_args)."""
-    os.environ[TERMINAL_ENV] = "1" if controlling_terminal() else "0"
-    if non_interactive:
-        os.environ[NON_INTERACTIVE_ENV] = "1"
-    if queries_from_sessions:
-        os.environ[QUERIES_FROM_SESSIONS_ENV] = "1"
 
 
 def umount(ctx: typer.Context, mountpoint: Path,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 
 from agentfs.cli.common import open_store
+from agentfs.policy.approvals import NON_INTERACTIVE_ENV
 
 
 def run(ctx: typer.Context,
@@ -49,10 +51,10 @@ def run(ctx: typer.Context,
     mount this command started is unmounted by the last run using it,
     unless --keep-mount.  With --non-interactive a mount this command starts denies
     `ask` rules at once; a mount that already exists keeps its own setting."""
-    from agentfs.cli.mount_cmds import pass_ask_settings
     from agentfs.sandbox import launch
 
-    pass_ask_settings(non_interactive)  # the sandbox starts the mount: it inherits these
+    if non_interactive:  # the sandbox starts the mount; the daemon inherits this
+        os.environ[NON_INTERACTIVE_ENV] = "1"
 
     if sys.platform == "darwin":
         from agentfs.sandbox import macos

@@ -35,12 +35,7 @@ from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.layers import Layer
-from agentfs.policy.approvals import (
-    QUERIES_FROM_SESSIONS_ENV,
-    ApprovalBroker,
-    Ticket,
-    ask_mode,
-)
+from agentfs.policy.approvals import ApprovalBroker, Ticket, ask_mode
 from agentfs.policy.callers import CallerResolver
 from agentfs.policy.guard import Guard
 from agentfs.policy.source import PolicySource
@@ -81,6 +76,7 @@ class MountConfig:
     audit_strict: bool = False         # refuse operations while events cannot be recorded
     impl: str = "pyfuse3"              # the FUSE binding: pyfuse3, mfusepy or kernel
     non_interactive: bool = False      # `ask` rules are denied at once (also CI=true, ...)
+    terminal: bool = False             # started from a terminal: someone may answer asks
     decision_queries_from_sessions: bool = False  # callers in sessions may ask decisions
 
 
@@ -92,9 +88,8 @@ class Daemon:
         self.store = store
         self.sessions = SessionTable()
         self.policy = PolicySource(config.policy_path)
-        self.broker = ApprovalBroker(str(os.getpid()), ask_mode(config.non_interactive,
-                                                                os.environ),
-                                     on_refused=self._ask_refused)
+        mode = ask_mode(config.non_interactive, os.environ, config.terminal)
+        self.broker = ApprovalBroker(str(os.getpid()), mode, on_refused=self._ask_refused)
         log.info("ask rules: %s%s", self.broker.mode.name,
                  f" ({self.broker.mode.refuse})" if self.broker.mode.refuse else "")
         self.callers = CallerResolver()
@@ -451,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audit-strict", action="store_true")
     parser.add_argument("--non-interactive", action="store_true")
     parser.add_argument("--decision-queries-from-sessions", action="store_true")
+    parser.add_argument("--terminal", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -469,10 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                          debug=args.debug, log_path=args.log_path,
                          policy_path=args.policy, audit=not args.no_audit,
                          audit_strict=args.audit_strict, impl=args.impl,
-                         non_interactive=args.non_interactive,
-                         decision_queries_from_sessions=(
-                             args.decision_queries_from_sessions
-                             or os.environ.get(QUERIES_FROM_SESSIONS_ENV) == "1"))
+                         non_interactive=args.non_interactive, terminal=args.terminal,
+                         decision_queries_from_sessions=args.decision_queries_from_sessions)
     if config.impl == "mfusepy":
         from agentfs.mount.mfuse_daemon import serve_mfusepy
 

@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from agentfs import capabilities
 from agentfs.branches.store import Store, load_registry, mounted_paths, require_utf8_path
 from agentfs.errors import MountError, NotFoundError, UsageError, UserError
+from agentfs.policy.approvals import controlling_terminal
 from agentfs.policy.loader import load_policy
 from agentfs.proc import running
 
@@ -175,9 +176,16 @@ def forget_mount(path: str, store: Store | None) -> None:
 
 def daemon_args(branch: str | None, per_process: bool, default_branch: str | None,
                 deny_unbound: bool, debug: bool, policy: str | None = None,
-                audit: bool = True, audit_strict: bool = False, impl: str | None = None
+                audit: bool = True, audit_strict: bool = False, impl: str | None = None,
+                non_interactive: bool = False, queries_from_sessions: bool = False
                 ) -> list[str]:
     args = ["--branch", branch] if branch else []
+    if non_interactive:
+        args.append("--non-interactive")
+    if queries_from_sessions:
+        args.append("--decision-queries-from-sessions")
+    if controlling_terminal():  # the daemon has none: a person here can answer asks
+        args.append("--terminal")
     args += ["--impl", choose_impl(impl, per_process)]
     if not audit:
         args.append("--no-audit")
@@ -212,7 +220,8 @@ def check_mode(store: Store, branch: str | None, per_process: bool,
 def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool = False,
                 per_process: bool = False, default_branch: str | None = None,
                 deny_unbound: bool = False, policy: str | None = None, audit: bool = True,
-                audit_strict: bool = False, impl: str | None = None) -> int:
+                audit_strict: bool = False, impl: str | None = None,
+                non_interactive: bool = False, queries_from_sessions: bool = False) -> int:
     """Start a background daemon and return its pid once the mount is ready."""
     check_mode(store, branch, per_process, default_branch, deny_unbound)
     if policy:
@@ -225,7 +234,7 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
     cmd = [sys.executable, "-m", "agentfs.mount.daemon", "--store", str(store.root),
            "--mountpoint", path, "--ready-fd", str(w), "--log-path", str(log_path),
            *daemon_args(branch, per_process, default_branch, deny_unbound, debug, policy,
-                         audit, audit_strict, impl)]
+                         audit, audit_strict, impl, non_interactive, queries_from_sessions)]
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, pass_fds=(w,),

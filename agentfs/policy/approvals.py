@@ -28,9 +28,6 @@ log = logging.getLogger(__name__)
 SCOPES: Final = ("once", "process", "session")
 MAX_PENDING_TOTAL: Final = 32  # FUSE worker tasks must stay free for everyone else
 NON_INTERACTIVE_ENV: Final = "AGENTFS_NON_INTERACTIVE"
-TERMINAL_ENV: Final = "AGENTFS_MOUNT_TERMINAL"  # set by the CLI that starts the daemon
-# not about asking, but handed to the daemon the same way (see cli/mount_cmds.py)
-QUERIES_FROM_SESSIONS_ENV: Final = "AGENTFS_DECISION_QUERIES_FROM_SESSIONS"
 UNATTENDED_GRACE: Final = 2.5   # seconds an unattended question waits for a listener
 LISTENING_WINDOW: Final = 3.0   # a prompts client looked this recently: someone is there
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -66,12 +63,12 @@ def controlling_terminal() -> bool:
     return True
 
 
-def ask_mode(flag: bool, environ: Mapping[str, str]) -> AskMode:
+def ask_mode(flag: bool, environ: Mapping[str, str], terminal: bool = False) -> AskMode:
     """The mode from the daemon's --non-interactive flag and environment.
 
     The flag wins; then AGENTFS_NON_INTERACTIVE (1: refuse, 0: always wait, also under
     CI); then a true CI variable; else auto, watched when the CLI that started the
-    daemon had a terminal (AGENTFS_MOUNT_TERMINAL=1)."""
+    daemon had a *terminal*."""
     if flag:
         return AskMode("--non-interactive was given", "drop --non-interactive")
     explicit = environ.get(NON_INTERACTIVE_ENV, "").strip().lower()
@@ -84,7 +81,7 @@ def ask_mode(flag: bool, environ: Mapping[str, str]) -> AskMode:
     if ci in _TRUE:
         return AskMode(f"CI={environ['CI']} in the daemon's environment",
                        f"set {NON_INTERACTIVE_ENV}=0")
-    return AskMode(watched=environ.get(TERMINAL_ENV) == "1")
+    return AskMode(watched=terminal)
 
 
 @dataclass
