@@ -15,7 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mountutil import DEFAULT_IMPL, IMPLS, MountedBranch, cli_env, mounted_branch
+from mountutil import (
+    AGENTFS,
+    DEFAULT_IMPL,
+    IMPLS,
+    MountedBranch,
+    cli_env,
+    force_unmount,
+    init_store,
+    mounted_branch,
+    require_fuse,
+)
 
 from agentfs.audit.log import query
 from agentfs.mount import control
@@ -231,3 +241,54 @@ def test_an_interactive_mount_still_waits_for_an_answer(tmp_path: Path, impl: st
         assert float(out.split()[-1]) > UNATTENDED_GRACE
         assert m.events(1, path="ask/q1.txt", decision="ask:allow")
         assert not m.events(0, op="ask_refused")
+
+
+@pytest.mark.mount
+def test_an_unattended_mount_refuses_after_the_grace_unless_someone_looks(
+        tmp_path: Path) -> None:
+    """Started without a terminal (a new session: no controlling tty) and with no
+    prompts client: a question is refused after the grace; once a client looks, the
+    next one waits for its answer."""
+    require_fuse()
+    base = tmp_path / "base"
+    (base / "ask").mkdir(parents=True)
+    (base / "ask/q1.txt").write_text("answer 1\n")
+    (base / "ask/q2.txt").write_text("answer 2\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    env = cli_env(tmp_path / "home")
+    for key in ("CI", "AGENTFS_NON_INTERACTIVE"):
+        env.pop(key, None)
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    init_store(base, store, "b", env["AGENTFS_HOME"])
+    pid = None
+    try:
+        res = subprocess.run([AGENTFS, "--store", str(store), "mount", str(mnt), "--branch",
+                              "b", "--policy", str(policy)], env=env, capture_output=True,
+                             text=True, timeout=60, start_new_session=True)
+        assert res.returncode == 0, res.stderr
+        pid = int(res.stdout.rsplit("pid", 1)[1].strip(" )\n"))
+        m = AskingMount(MountedBranch(base, store, mnt, "b", env, pid))
+        assert control.request(m.sock, {"op": "ping"})["asks"] == "auto"
+        outcome, took = m.read()
+        assert outcome == "EACCES"
+        assert UNATTENDED_GRACE - 0.5 < took < TIMEOUT / 4
+        [why] = m.events(1, op="ask_refused")
+        assert "no one can answer (no terminal" in why["dst"]
+        # a prompts client looks while the next question waits: it gets the full timeout
+        proc = m.reader("ask/q2.txt")
+        prompts: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while not prompts and time.monotonic() < deadline:
+            time.sleep(0.05)
+            prompts = control.request(m.sock, {"op": "prompts"})["prompts"]
+        assert prompts
+        time.sleep(UNATTENDED_GRACE + 0.5)
+        assert proc.poll() is None
+        assert control.request(m.sock, {"op": "answer", "id": prompts[0]["id"],
+                                        "allow": True})["ok"]
+        out, _ = proc.communicate(timeout=20)
+        assert out.startswith("OK answer 2")
+    finally:
+        force_unmount(mnt, pid)
