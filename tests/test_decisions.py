@@ -213,7 +213,7 @@ def _session(pp: PerProcessView, *exec_opts: str) -> Iterator[tuple[int, int]]:
         keeper = parent_pid(pid)  # the session's root (an ended one may still be listed)
         sessions = control.request(control.socket_path(pp.store, pp.pid),
                                    {"op": "sessions"})["sessions"]
-        assert keeper in [s["pid"] for s in sessions], sessions
+        assert keeper is not None and keeper in [s["pid"] for s in sessions], sessions
         yield pid, keeper
     finally:
         proc.terminate()
