@@ -8,6 +8,15 @@ for the asking process or its whole session, so a person is not asked again for
 every chunk of the same work.  A session may have at most ``max_pending`` open
 questions; beyond that the answer is the policy's on-timeout decision right away.
 
+When no one can answer (`AskMode`), waiting out the timeout only stalls the agent.
+In non-interactive mode (--non-interactive, CI true, AGENTFS_NON_INTERACTIVE=1) a
+question is denied at once.  In auto mode, when no terminal started the mount and no
+`agentfs prompts` client has looked lately, it is denied after `UNATTENDED_GRACE`
+seconds unless a client looks meanwhile: at the instant of a question "nobody has
+looked yet" cannot be told from "nobody is there" (the client polls twice a second;
+a person may be typing `agentfs prompts`).  The ticket's reason says how to allow the
+operation, and `on_refused` (the daemon's log and audit) hears of every refusal.
+
 The broker knows nothing of trio or threads: waiting is the front end's business,
 it registers a waker that `resolve` calls.
 """
