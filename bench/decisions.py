@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agentfs.mount import control
+from agentfs.mount.lifecycle import choose_impl
 from bench.machine import repo_state
 from bench.policy import big_policy, sample_paths
 from bench.targets import AgentfsBigPolicyTarget, Setup
@@ -87,7 +88,7 @@ def measure(requests: int, rules: int, work: Path) -> dict[str, Any]:
             "max_us": round(times[-1], 1),
             "mean_us": round(statistics.fmean(times), 1),
             "target_p99_us": TARGET_P99_US,
-            "impl": os.environ.get("AGENTFS_FUSE_IMPL") or "default"}
+            "impl": choose_impl(None)}  # what `agentfs mount` picked
 
 
 def main(argv: list[str] | None = None) -> int:
