@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 
+# CI runners set CI=true, which makes a mount refuse `ask` rules at once; the tests
+# that want that set it themselves (tests/test_non_interactive.py), the others answer
+# their asks, so every daemon the suite starts waits for an answer unless told not to
+os.environ["AGENTFS_NON_INTERACTIVE"] = "0"
+
 
 @pytest.fixture
 def world_dir() -> Iterator[Path]:
