@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Final
 
 _MAX_ANCESTORS: Final = 64
@@ -116,3 +117,23 @@ def running(pid: int) -> bool:
         return True
     fields = _stat_fields(pid)
     return fields is not None and bool(fields) and fields[0] not in ("Z", "X")
+
+
+class ProcNames:
+    """exe and command line per pid, kept for *fresh* seconds (audit events name the
+    caller of every request; reading /proc for each would cost more than the event),
+    at most 4,096 pids at a time."""
+
+    def __init__(self, fresh: float = 2.0) -> None:
+        self.fresh = fresh
+        self._seen: dict[int, tuple[float, str, str]] = {}
+
+    def get(self, pid: int) -> tuple[str, str]:
+        now = time.monotonic()
+        hit = self._seen.get(pid)
+        if hit is None or now - hit[0] > self.fresh:
+            if len(self._seen) > 4096:
+                self._seen.clear()
+            hit = self._seen[pid] = (now, exe_of(pid), command_line(pid)) if pid > 0 \
+                else (now, "", "")
+        return hit[1], hit[2]

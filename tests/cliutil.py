@@ -79,3 +79,16 @@ def _text(stream: io.TextIOWrapper) -> str:
     buffer = stream.buffer
     assert isinstance(buffer, io.BytesIO)
     return buffer.getvalue().decode("utf-8", errors="surrogateescape")
+
+
+def make_store(tmp_path: Path, home: Path) -> Path:
+    """A store (tmp_path/store) for a one-file base (tmp_path/base) with a branch "b",
+    made through the CLI."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "file.txt").write_text("hello\n")
+    res = invoke("init", str(base), "--store", str(tmp_path / "store"), home=home)
+    assert res.code == 0, res.stderr
+    assert invoke("--store", str(tmp_path / "store"), "branch", "create", "b",
+                  home=home).code == 0
+    return tmp_path / "store"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cliutil import Result, invoke
+from cliutil import Result, invoke, make_store
 from mountutil import is_mounted
 from test_cli_fuzz import COMMANDS
 
@@ -34,14 +34,7 @@ def home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(tmp_path: Path, home: Path) -> Path:
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "file.txt").write_text("hello\n")
-    res = invoke("init", str(base), "--store", str(tmp_path / "store"), home=home)
-    assert res.code == 0, res.stderr
-    assert invoke("--store", str(tmp_path / "store"), "branch", "create", "b",
-                  home=home).code == 0
-    return tmp_path / "store"
+    return make_store(tmp_path, home)
 
 
 def fails(res: Result, code: int, match: str) -> str:

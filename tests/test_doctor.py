@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cliutil import Result, environment, invoke
+from cliutil import Result, environment, invoke, make_store
 
 from agentfs import capabilities
 from agentfs.errors import EXIT_MOUNT, EXIT_OK
@@ -183,14 +183,7 @@ def test_help_lists_doctor(home: Path) -> None:
 # -- the commands that need a piece say the same -------------------------------------
 @pytest.fixture
 def store(tmp_path: Path, home: Path) -> Path:
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "file.txt").write_text("hello\n")
-    res = invoke("init", str(base), "--store", str(tmp_path / "store"), home=home)
-    assert res.code == 0, res.stderr
-    assert invoke("--store", str(tmp_path / "store"), "branch", "create", "b",
-                  home=home).code == 0
-    return tmp_path / "store"
+    return make_store(tmp_path, home)
 
 
 def one_line_failure(res: Result) -> str:

@@ -161,18 +161,27 @@ class AskingMount:
             time.sleep(0.1)
 
 
-@contextlib.contextmanager
-def _mount(tmp_path: Path, impl: str, env_extra: dict[str, str], *opts: str
-           ) -> Iterator[AskingMount]:
+def _asking_setup(tmp_path: Path, files: dict[str, str]
+                  ) -> tuple[Path, Path, dict[str, str]]:
+    """A base with *files*, the ask policy, and an environment that says nothing
+    about interactivity (the test decides)."""
     base = tmp_path / "base"
     (base / "ask").mkdir(parents=True)
-    (base / "ask/q1.txt").write_text("answer 1\n")
-    (base / "free.txt").write_text("free\n")
+    for rel, text in files.items():
+        (base / rel).write_text(text)
     policy = tmp_path / "policy.yaml"
     policy.write_text(POLICY)
     env = cli_env(tmp_path / "home")
     for key in ("CI", "AGENTFS_NON_INTERACTIVE"):
         env.pop(key, None)
+    return base, policy, env
+
+
+@contextlib.contextmanager
+def _mount(tmp_path: Path, impl: str, env_extra: dict[str, str], *opts: str
+           ) -> Iterator[AskingMount]:
+    base, policy, env = _asking_setup(tmp_path, {"ask/q1.txt": "answer 1\n",
+                                                 "free.txt": "free\n"})
     env.update(env_extra)
     with mounted_branch(base, tmp_path, "b", env=env, impl=impl,
                         mount_opts=("--policy", str(policy), *opts)) as mb:
@@ -250,15 +259,8 @@ def test_an_unattended_mount_refuses_after_the_grace_unless_someone_looks(
     prompts client: a question is refused after the grace; once a client looks, the
     next one waits for its answer."""
     require_fuse()
-    base = tmp_path / "base"
-    (base / "ask").mkdir(parents=True)
-    (base / "ask/q1.txt").write_text("answer 1\n")
-    (base / "ask/q2.txt").write_text("answer 2\n")
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY)
-    env = cli_env(tmp_path / "home")
-    for key in ("CI", "AGENTFS_NON_INTERACTIVE"):
-        env.pop(key, None)
+    base, policy, env = _asking_setup(tmp_path, {"ask/q1.txt": "answer 1\n",
+                                                 "ask/q2.txt": "answer 2\n"})
     store, mnt = tmp_path / "store", tmp_path / "mnt"
     mnt.mkdir()
     init_store(base, store, "b", env["AGENTFS_HOME"])

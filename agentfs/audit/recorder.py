@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from agentfs.audit.log import AuditLog
 from agentfs.policy.guard import Verdict
-from agentfs.proc import command_line, exe_of
+from agentfs.proc import ProcNames
 
 QUIET_OPS: Final = frozenset({"stat", "readdir", "readlink", "getxattr", "listxattr"})
 _PROC_FRESH: Final = 2.0
@@ -67,17 +67,7 @@ class Recorder:
     def __init__(self, log: AuditLog, branch: str) -> None:
         self.log = log
         self.branch = branch
-        self._procs: dict[int, tuple[float, str, str]] = {}
-
-    def _proc(self, pid: int) -> tuple[str, str]:
-        now = time.monotonic()
-        hit = self._procs.get(pid)
-        if hit is None or now - hit[0] > _PROC_FRESH:
-            if len(self._procs) > 4096:
-                self._procs.clear()
-            hit = self._procs[pid] = (now, exe_of(pid), command_line(pid)) if pid > 0 \
-                else (now, "", "")
-        return hit[1], hit[2]
+        self._proc = ProcNames(_PROC_FRESH).get
 
     @staticmethod
     def records(op: str, verdict: Verdict) -> bool:

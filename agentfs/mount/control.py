@@ -68,7 +68,6 @@ import os
 import posixpath
 import socket
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +76,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from agentfs.policy.model import OPS
-from agentfs.proc import command_line, exe_of
+from agentfs.proc import ProcNames
 
 if TYPE_CHECKING:
     from agentfs.audit.log import AuditLog
@@ -308,7 +307,7 @@ class DecisionQueries:
     branch: str | None               # pinned: the branch; per-process: the default one
     per_process: bool = False
     from_sessions: bool = False      # may a caller inside a session ask?
-    _procs: dict[int, tuple[float, str, str]] = field(default_factory=dict)
+    _procs: ProcNames = field(default_factory=lambda: ProcNames(_PROC_FRESH))
 
     def answer(self, req: dict[str, Any], peer_pid: int) -> dict[str, Any]:
         kind = req.get("type")
@@ -392,16 +391,8 @@ class DecisionQueries:
                 peer_pid: int) -> None:
         if self.audit is None:
             return
-        exe, cmdline = self._proc(pid)
+        exe, cmdline = self._procs.get(pid)
         self.audit.emit_request(sid, branch, pid, exe, cmdline, uid, f"query:{operation}",
                                 path, f"peer pid {peer_pid}", decision, rule, sha256,
                                 errno_value, 0)
 
-    def _proc(self, pid: int) -> tuple[str, str]:
-        now = time.monotonic()
-        hit = self._procs.get(pid)
-        if hit is None or now - hit[0] > _PROC_FRESH:
-            if len(self._procs) > 4096:
-                self._procs.clear()
-            hit = self._procs[pid] = (now, exe_of(pid), command_line(pid))
-        return hit[1], hit[2]
