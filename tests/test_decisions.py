@@ -16,14 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mountutil import IMPLS, MountedBranch, PerProcessView, mounted_branch, per_process_mount
+from mountutil import (
+    AGENTFS,
+    IMPLS,
+    MountedBranch,
+    PerProcessView,
+    mounted_branch,
+    per_process_mount,
+)
 
 from agentfs.audit.log import query
 from agentfs.mount import control
 from agentfs.proc import parent_pid
 
 pytestmark = pytest.mark.mount
-AGENTFS = str(Path(sys.executable).parent / "agentfs")
 
 POLICY = """\
 version: 1
