@@ -31,6 +31,7 @@ from agentfs.overlay.attrs import Attr
 from agentfs.overlay.hostio import RENAME_EXCHANGE, RENAME_NOREPLACE, HostDir, join, split
 from agentfs.overlay.inodes import InodeTable
 from agentfs.overlay.layers import MARKER, STORE_INO_TAG, Layer, stamp_path
+from agentfs.overlay.reaper import Reaper
 from agentfs.overlay.resolve import Loc, Resolver
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class Overlay:
         self.trash: TrashHook | None = None   # None: deleted content is destroyed
         self.lock_fd: int | None = None       # the branch lock of whoever serves it
         self._reason = "unlink"
+        self._reapers: list[Reaper] = []  # one per work area this view has had
         self._prepare_work()
 
     def _prepare_work(self) -> None:
@@ -106,11 +108,25 @@ class Overlay:
         for entry in self.work.listdir(""):
             self.work.remove_tree(entry.name)
         self.work.mkdir(_ORPHANS, 0o700)
+        self._reapers.append(Reaper(self.work.dirfd(_ORPHANS)))
+
+    def _discard(self, host: HostDir, rel: str) -> None:
+        """Remove a directory the view no longer shows (whiteouts at most inside) off
+        the request path: moved into work/orphans if it is not there yet, then left
+        to the reaper (see agentfs.overlay.reaper)."""
+        if host is self.work and rel.startswith(_ORPHANS + "/"):
+            name = rel[len(_ORPHANS) + 1:]
+        else:
+            name = f"gone.{copyup.temp_name()}"
+            host.rename_to(rel, self.work, f"{_ORPHANS}/{name}")
+        self._reapers[-1].discard(name)
 
     def close(self) -> None:
         """Release every handle and host fd (the view is unusable afterwards)."""
         for fh in list(self.handles):
             self.release(fh)
+        for reaper in self._reapers:
+            reaper.close()
         for layer in self.layers:
             layer.close()
         if self.lock_fd is not None:
@@ -493,7 +509,7 @@ class Overlay:
             host.rename_to(rel, self.work, name)
             self._orphans[ino] = name
             return
-        host.remove_tree(rel)
+        self._discard(host, rel)
         self.top.drop_meta(st.st_ino)
 
     def _keep_then(self, path: str, st: os.stat_result, ino: int,
@@ -536,7 +552,7 @@ class Overlay:
         if name is not None:
             st = self.work.try_lstat(name)
             if st is not None and stat.S_ISDIR(st.st_mode):
-                self.work.remove_tree(name)
+                self._discard(self.work, name)
             else:
                 self.work.unlink(name)
             if st is not None:
