@@ -14,6 +14,10 @@ import pytest
 # that want that set it themselves (tests/test_non_interactive.py), the others answer
 # their asks, so every daemon the suite starts waits for an answer unless told not to
 os.environ["AGENTFS_NON_INTERACTIVE"] = "0"
+# the machine's organisation and user policy layers must not change what the suite
+# sees; the layer tests point these at files of their own
+os.environ["AGENTFS_ORG_POLICY"] = "/nonexistent/agentfs-tests/org-policy.yaml"
+os.environ["XDG_CONFIG_HOME"] = "/nonexistent/agentfs-tests/config"
 
 
 @pytest.fixture

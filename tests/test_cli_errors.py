@@ -204,7 +204,7 @@ def test_usage_errors_of_every_command(store: Path, home: Path) -> None:
     for path, spec in sorted(COMMANDS.items()):
         res = invoke("--store", str(store), *path, "--no-such-option", home=home)
         fails(res, EXIT_USAGE, " ".join(("agentfs", *path)))
-        required = any(True for _ in spec.arguments) or path in (("bind",), ("exec",),
+        required = spec.required or path in (("bind",), ("exec",),
                                                                  ("run",))
         if required or not path:
             res = invoke("--store", str(store), *path, home=home)

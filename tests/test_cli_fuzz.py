@@ -34,6 +34,7 @@ class Spec:
     arguments: list[tuple[str, int]] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)     # options without a value
     options: list[str] = field(default_factory=list)   # options that take a value
+    required: bool = False                             # some argument must be given
 
     @property
     def names(self) -> list[str]:
@@ -56,6 +57,7 @@ def _commands() -> dict[tuple[str, ...], Spec]:
             names = [o for o in (*p.opts, *p.secondary_opts) if o.startswith("-")]
             if not names:
                 spec.arguments.append((p.name, p.nargs))
+                spec.required |= bool(p.required)
             elif getattr(p, "is_flag", False):
                 spec.flags += names
             else:

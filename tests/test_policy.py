@@ -242,5 +242,5 @@ def test_policy_cli(tmp_path: Path) -> None:
     res = run_cli("policy", "lint", str(bad), env=env, check=False)
     assert res.returncode == 1 and res.stderr.strip() == (
         f"agentfs: {bad}:5: unknown key 'colour' in defaults (known: deny_errno, on_error, "
-        "read, write)")
+        "overridable, read, write)")
     assert "version: 1" in run_cli("policy", "default", env=env).stdout

@@ -14,7 +14,7 @@ from agentfs.cli.common import open_store
 from agentfs.errors import UserError
 from agentfs.mount import lifecycle
 from agentfs.policy.approvals import controlling_terminal
-from agentfs.policy.loader import load_policy
+from agentfs.policy.source import PolicySource
 
 
 def mount(ctx: typer.Context, mountpoint: Path,
@@ -63,8 +63,7 @@ def mount(ctx: typer.Context, mountpoint: Path,
     from agentfs.mount import daemon
 
     lifecycle.check_mode(store, branch, per_process, default_branch, deny_unbound)
-    if policy:
-        load_policy(policy)
+    PolicySource.for_mount(str(store.base), policy)  # every layer loads, or say why
     lifecycle.check_fuse()
     path = lifecycle.check_mountpoint(mountpoint, store)
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,

@@ -1,21 +1,24 @@
-"""`agentfs policy check | lint | test | default`."""
+"""`agentfs policy check | lint | test | reload | show | default`."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
 
-from agentfs.cli.common import print_json
+from agentfs.cli.common import open_store, print_json
 from agentfs.cli.daemons import ask_daemon, daemon_at
 from agentfs.errors import NotFoundError, UsageError, UserError
+from agentfs.policy.effective import render
 from agentfs.policy.engine import DEFAULT_POLICY, PolicyEngine, default_policy
 from agentfs.policy.lint import shadowed
 from agentfs.policy.loader import load_policy
 from agentfs.policy.model import OPS, Caller, Policy
+from agentfs.policy.source import PolicySource
 from agentfs.proc import ancestors_of, comm_of, environ_of, exe_of
 
 app = typer.Typer(help="Check, lint and test policy files.", no_args_is_help=True)
@@ -30,7 +33,9 @@ def _load(file: str) -> Policy:
 
 
 @app.command("check")
-def check(file: str = typer.Argument(..., help="a policy file, or 'default'"),
+def check(ctx: typer.Context,
+          file: str = typer.Argument(..., help="a policy file, or 'default' (with "
+                                               "--layers: the session layer, or 'none')"),
           path: str = typer.Argument(..., help="a path inside the view"),
           op: str = typer.Option(..., "--op", help="the operation, e.g. open_read"),
           exe: str = typer.Option("", "--exe"), comm: str = typer.Option("", "--comm"),
@@ -38,11 +43,20 @@ def check(file: str = typer.Argument(..., help="a policy file, or 'default'"),
           session: str = typer.Option("", "--session"),
           pid: int = typer.Option(0, "--pid", help="take exe, comm, uid, ancestors and env "
                                                    "from this running process"),
+          layers: bool = typer.Option(False, "--layers",
+                                      help="decide with the whole stack a mount would "
+                                           "load (organisation, project, user, FILE)"),
+          base: Path | None = typer.Option(None, "--base",
+                                           help="with --layers: the base whose project "
+                                                "policy to read (default: the store's)"),
           as_json: bool = typer.Option(False, "--json")) -> None:
     """Print the decision for OP on PATH and the rules tried."""
     if op not in OPS:
         raise UsageError(f"unknown operation {op!r} (one of {', '.join(sorted(OPS))})")
-    policy = _load(file)
+    if base is not None and not layers:
+        raise UsageError("--base reads a project policy layer: add --layers")
+    engine = (_would_load(ctx, base, None if file == "none" else file).engine if layers
+              else PolicyEngine(_load(file)))
     if pid:
         if not Path(f"/proc/{pid}").exists():
             raise NotFoundError(f"no process {pid}")
@@ -52,15 +66,17 @@ def check(file: str = typer.Argument(..., help="a policy file, or 'default'"),
                         session=session)
     else:
         caller = Caller(exe=exe, comm=comm, uid=uid, branch=branch, session=session)
-    d = PolicyEngine(policy).explain(op, path, caller)
+    d = engine.explain(op, path, caller)
     if as_json:
-        print_json({"decision": d.decision, "rule": d.rule, "errno": d.errno,
-                    "message": d.message, "policy_sha256": d.policy_sha256,
+        print_json({"decision": d.decision, "rule": d.rule, "origin": d.origin,
+                    "errno": d.errno, "message": d.message, "policy_sha256": d.policy_sha256,
                     "trace": list(d.trace)})
         return
     for line in d.trace:
         typer.echo(f"  {line}")
-    typer.echo(f"{d.decision}" + (f" (rule {d.rule})" if d.rule else " (defaults)")
+    origin = f" from the {d.origin} layer" if len(engine.layers) > 1 else ""
+    typer.echo(f"{d.decision}" + (f" (rule {d.rule}{origin})" if d.rule
+                                  else f" (defaults{origin})")
                + (f": {d.message}" if d.message else ""))
 
 
@@ -120,19 +136,73 @@ def reload(ctx: typer.Context, mountpoint: Path = typer.Argument(...)) -> None:
 
 
 @app.command("show")
-def show(ctx: typer.Context, mountpoint: Path = typer.Argument(...),
+def show(ctx: typer.Context,
+         mountpoint: Path | None = typer.Argument(None, help="a mount: show what its daemon "
+                                                           "enforces (default: what a mount "
+                                                           "would load now)"),
+         effective_: bool = typer.Option(False, "--effective",
+                                         help="print the merged policy: every layer's "
+                                              "rules with their origin"),
+         policy: str | None = typer.Option(None, "--policy",
+                                           help="the session layer a mount would get"),
+         base: Path | None = typer.Option(None, "--base",
+                                          help="the base whose project policy to read "
+                                               "(default: the store's base)"),
          as_json: bool = typer.Option(False, "--json")) -> None:
-    """Which policy the mount at MOUNTPOINT enforces (file, name, sha256, last error)."""
-    root, pid = daemon_at(ctx, mountpoint)
-    reply = ask_daemon(root, pid, {"op": "policy"})
+    """Which policy layers apply (organisation, project, user, session) and, with
+    --effective, the merged rules with the file and line each came from."""
+    if mountpoint is not None:
+        if policy or base:
+            raise UsageError("--policy and --base describe a mount to be; a running "
+                             "mount's policy is what its daemon loaded")
+        root, pid = daemon_at(ctx, mountpoint)
+        reply = ask_daemon(root, pid, {"op": "policy"})
+        views = [("mount", reply["mount"])] + [(f"session {s['pid']}", s)
+                                                for s in reply.get("sessions", [])]
+    else:
+        views = [("would load", _would_load(ctx, base, policy).describe())]
     if as_json:
-        print_json(reply)
+        print_json(views[0][1] if mountpoint is None else reply)
         return
-    for label, info in [("mount", reply["mount"])] + [
-            (f"session {s['pid']}", s) for s in reply.get("sessions", [])]:
-        typer.echo(f"{label}: {info['name']} from {info['path']} (sha256 {info['sha256']})")
+    for label, info in views:
+        if effective_ and "effective" in info:
+            typer.echo(f"{label}:")
+            for line in render(info["effective"]):
+                typer.echo(f"  {line}")
+        else:
+            _print_layers(label, info)
         if info.get("last_error"):
             typer.echo(f"  last reload refused: {info['last_error']}")
+
+
+def _would_load(ctx: typer.Context, base: Path | None, policy: str | None) -> PolicySource:
+    if base is None:
+        try:
+            base = open_store(ctx).base
+        except UserError:
+            base = None  # no store: no project layer
+    elif not base.is_dir():
+        raise NotFoundError(f"base directory {base} does not exist")
+    else:
+        base = base.resolve()
+    if policy and not os.path.lexists(policy):
+        raise NotFoundError(f"policy file {policy!r} does not exist")
+    return PolicySource.for_mount(str(base) if base else None, policy)
+
+
+def _print_layers(label: str, info: dict[str, Any]) -> None:
+    typer.echo(f"{label}: {info['name']} (sha256 {info['sha256']})")
+    loaded = {layer["origin"]: layer for layer in info.get("layers", [])}
+    for spec in info.get("looked_for", []):
+        layer = loaded.get(spec["origin"])
+        state = (f"{layer['name']} (sha256 {layer['sha256'][:12]})" if layer
+                 else "not present")
+        typer.echo(f"  {spec['origin']:<13} {spec['path']}: {state}")
+    if "builtin" in loaded:
+        typer.echo(f"  {'builtin':<13} the built-in default (no layer file found; see "
+                   "`agentfs policy default`)")
+    if not info.get("looked_for") and "builtin" not in loaded:
+        typer.echo(f"  {info['path']}")
 
 
 @app.command("default")

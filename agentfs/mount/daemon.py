@@ -87,7 +87,7 @@ class Daemon:
         self.config = config
         self.store = store
         self.sessions = SessionTable()
-        self.policy = PolicySource(config.policy_path)
+        self.policy = PolicySource.for_mount(str(store.base), config.policy_path)
         mode = ask_mode(config.non_interactive, os.environ, config.terminal)
         self.broker = ApprovalBroker(str(os.getpid()), mode, on_refused=self._ask_refused)
         log.info("ask rules: %s%s", self.broker.mode.name,
@@ -293,7 +293,7 @@ class Daemon:
             branch = str(req["branch"])
             self.store.branch(branch)
             self.ops.view(branch)
-            policy = PolicySource(str(req["policy"])) if req.get("policy") else None
+            policy = self.policy.for_session(str(req["policy"])) if req.get("policy") else None
             session = self.sessions.bind(pid, branch, policy)
             log.info("bound pid %s (%s) to branch %s", pid, session.command, branch)
             return {"ok": True}

@@ -25,7 +25,7 @@ from agentfs import capabilities
 from agentfs.branches.store import Store, load_registry, mounted_paths, require_utf8_path
 from agentfs.errors import MountError, NotFoundError, UsageError, UserError
 from agentfs.policy.approvals import controlling_terminal
-from agentfs.policy.loader import load_policy
+from agentfs.policy.source import PolicySource
 from agentfs.proc import running
 
 log = logging.getLogger(__name__)
@@ -224,8 +224,8 @@ def start_mount(store: Store, branch: str | None, mountpoint: Path, debug: bool 
                 non_interactive: bool = False, queries_from_sessions: bool = False) -> int:
     """Start a background daemon and return its pid once the mount is ready."""
     check_mode(store, branch, per_process, default_branch, deny_unbound)
-    if policy:
-        load_policy(policy)  # a bad file is the user's error, reported before mounting
+    # a bad policy file (any layer) is the user's error, reported before mounting
+    PolicySource.for_mount(str(store.base), policy)
     check_fuse()
     path = check_mountpoint(mountpoint, store)
     prune_logs(store.root / "run")

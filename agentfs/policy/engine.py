@@ -1,4 +1,12 @@
-"""Deciding: first matching rule by priority (then file order), else the defaults.
+"""Deciding: in each policy layer the first matching rule by priority (then file order),
+else that layer's defaults; then the layers' answers combined, top layer first.
+
+Combining (deterministic, documented in README "Policy layers"): going down the stack,
+a lower layer's answer replaces the one so far when it is stricter (deny > ask > audit,
+soft_delete > allow), so any layer can add restrictions. It replaces a looser-making
+answer only when the answer so far came from a rule or defaults marked `overridable`
+and the lower answer comes from a rule of its own (a lower layer's defaults never relax
+anything). Equal strength keeps the upper answer.
 
 Decisions are cached per (operation, path, caller) until the policy is replaced, so the
 cost per FUSE request is a dict lookup once a path has been seen.
@@ -6,46 +14,80 @@ cost per FUSE request is a dict lookup once a path has been seen.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 
 from agentfs.policy.globs import may_match_below, normalize
 from agentfs.policy.index import RuleIndex
 from agentfs.policy.loader import parse_policy
-from agentfs.policy.model import NOBODY, OPS, READ_OPS, Caller, Decision, Policy, Rule
+from agentfs.policy.model import (
+    NOBODY,
+    OPS,
+    READ_OPS,
+    Approval,
+    Caller,
+    Decision,
+    Defaults,
+    Layer,
+    Policy,
+    Rule,
+)
 
 _CACHE_LIMIT = 100_000
 STRENGTH = {"deny": 3, "ask": 2, "audit": 1, "soft_delete": 1, "allow": 0}
+_REMEMBER_WIDTH = {"once": 0, "process": 1, "session": 2}
+
+
+class _Answer:
+    """One layer's answer to one question, and whether a lower layer may relax it."""
+
+    __slots__ = ("decision", "layer", "relaxable", "rule")
+
+    def __init__(self, decision: str, rule: Rule | None, relaxable: bool, layer: Layer
+                 ) -> None:
+        self.decision, self.rule, self.relaxable, self.layer = (decision, rule, relaxable,
+                                                                layer)
 
 
 class PolicyEngine:
-    """A loaded policy plus what the hot path wants precomputed about it.
+    """A loaded policy (one file, or a stack of layers) plus what the hot path wants
+    precomputed about it.
 
     ``restricted``: the operations some rule or default does not simply allow; a check
     of any other operation is skipped without a lookup.  ``caller_keys``: which facts
     about the caller any rule looks at (none: callers need not be resolved at all).
+    ``policy``: the stack summed up as one Policy (its sha256 names the whole stack).
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy | Sequence[Layer]) -> None:
         self._cache: dict[tuple[str, str, Caller], Decision] = {}
         self.replace(policy)
 
-    def replace(self, policy: Policy) -> None:
+    def replace(self, policy: Policy | Sequence[Layer]) -> None:
         """Swap in a new policy (a reload); cached decisions are dropped."""
-        self.policy = policy
+        layers = (Layer("", policy),) if isinstance(policy, Policy) else tuple(policy)
+        if not layers:
+            raise ValueError("a policy stack needs at least one layer")
+        self.layers = layers
+        self.policy = summarize(layers)
         self._cache.clear()
-        self._per_op: dict[str, RuleIndex] = {}
-        restricted = {op for op in OPS
-                      if (policy.defaults.read if op in READ_OPS else policy.defaults.write)
-                      != "allow"}
-        for rule in policy.rules:
+        self._per_op: list[dict[str, RuleIndex]] = [{} for _ in layers]
+        restricted: set[str] = set()
+        for layer in layers:
+            d = layer.policy.defaults
+            restricted |= {op for op in OPS
+                           if (d.read if op in READ_OPS else d.write) != "allow"}
+        for rule in self.policy.rules:
             if rule.decision != "allow":
                 restricted |= rule.ops
         self.restricted: frozenset[str] = frozenset(restricted)
         self.caller_keys: frozenset[str] = frozenset(
-            key for rule in policy.rules for key, _ in rule.who)
-        self.defaults_restrict = (policy.defaults.read != "allow"
-                                  or policy.defaults.write != "allow")
-        patterns = [r.path_regex.pattern for r in policy.rules if r.decision != "allow"]
+            key for rule in self.policy.rules for key, _ in rule.who)
+        self.defaults_restrict = any(layer.policy.defaults.read != "allow"
+                                     or layer.policy.defaults.write != "allow"
+                                     for layer in layers)
+        patterns = [r.path_regex.pattern for r in self.policy.rules if r.decision != "allow"]
         self._restricting = re.compile("|".join(f"(?:{p})" for p in patterns) or "(?!)",
                                        re.DOTALL)
 
@@ -68,53 +110,119 @@ class PolicyEngine:
         hit = self._cache.get(key)
         if hit is not None:
             return hit
-        decision = self._evaluate(op, normalize(path), caller)
+        decision = self._evaluate(op, normalize(path), caller, None)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[key] = decision
         return decision
 
-    def _evaluate(self, op: str, norm: str, caller: Caller) -> Decision:
-        """First matching rule among the candidates the index offers (in priority
-        order); the defaults if none."""
-        index = self._per_op.get(op)
-        if index is None:
-            index = self._per_op[op] = RuleIndex([r for r in self.policy.rules if op in r.ops])
-        p = self.policy
-        for i in index.candidates(norm):
-            rule = index.rules[i]
-            if rule.path_regex.fullmatch(norm) and (not rule.who
-                                                    or not _who_mismatch(rule, caller)):
-                message = rule.message.replace("{op}", op).replace("{path}", norm)
-                return Decision(rule.decision, rule.id, p.defaults.deny_errno, message,
-                                p.sha256)
-        default = p.defaults.read if op in READ_OPS else p.defaults.write
-        return Decision(default, None, p.defaults.deny_errno, "", p.sha256)
-
     def explain(self, op: str, path: str, caller: Caller = NOBODY) -> Decision:
         """The decision with the trace of every rule tried (uncached)."""
-        norm = normalize(path)
-        trace: list[str] = []
-        p = self.policy
-        for rule in p.rules:
-            if op not in rule.ops:
-                trace.append(f"{rule.id}: operation {op} not covered")
+        return self._evaluate(op, normalize(path), caller, [])
+
+    def _evaluate(self, op: str, norm: str, caller: Caller, trace: list[str] | None
+                  ) -> Decision:
+        best: _Answer | None = None
+        for i, layer in enumerate(self.layers):
+            answer = self._answer(i, op, norm, caller, trace)
+            if best is None:
+                best = answer
                 continue
-            if not rule.path_regex.fullmatch(norm):
-                trace.append(f"{rule.id}: path does not match {list(rule.paths)}")
-                continue
-            failed = _who_mismatch(rule, caller)
-            if failed:
-                trace.append(f"{rule.id}: caller {failed}")
-                continue
-            trace.append(f"{rule.id}: matches -> {rule.decision}")
-            message = rule.message.replace("{op}", op).replace("{path}", norm)
-            return Decision(rule.decision, rule.id, p.defaults.deny_errno, message,
-                            p.sha256, tuple(trace))
+            before = best
+            stricter = STRENGTH[answer.decision] > STRENGTH[best.decision]
+            looser = STRENGTH[answer.decision] < STRENGTH[best.decision]
+            if stricter or (looser and best.relaxable and answer.rule is not None):
+                best = answer
+            if trace is not None:
+                trace.append(_combine_note(layer.origin, before, answer, best is answer))
+        assert best is not None
+        p = best.layer.policy
+        rule = best.rule
+        message = (rule.message.replace("{op}", op).replace("{path}", norm)
+                   if rule is not None else "")
+        return Decision(best.decision, rule.id if rule is not None else None,
+                        p.defaults.deny_errno, message, self.policy.sha256,
+                        tuple(trace) if trace is not None else (), best.layer.origin)
+
+    def _answer(self, i: int, op: str, norm: str, caller: Caller, trace: list[str] | None
+                ) -> _Answer:
+        """Layer *i*'s answer: its first matching rule, else its defaults."""
+        layer = self.layers[i]
+        p = layer.policy
+        prefix = f"[{layer.origin}] " if len(self.layers) > 1 else ""
+        if trace is None:
+            index = self._per_op[i].get(op)
+            if index is None:
+                index = self._per_op[i][op] = RuleIndex([r for r in p.rules if op in r.ops])
+            for j in index.candidates(norm):
+                rule = index.rules[j]
+                if rule.path_regex.fullmatch(norm) and (not rule.who
+                                                        or not _who_mismatch(rule, caller)):
+                    return _Answer(rule.decision, rule, rule.overridable, layer)
+        else:
+            for rule in p.rules:
+                if op not in rule.ops:
+                    trace.append(f"{prefix}{rule.id}: operation {op} not covered")
+                    continue
+                if not rule.path_regex.fullmatch(norm):
+                    trace.append(f"{prefix}{rule.id}: path does not match {list(rule.paths)}")
+                    continue
+                failed = _who_mismatch(rule, caller)
+                if failed:
+                    trace.append(f"{prefix}{rule.id}: caller {failed}")
+                    continue
+                trace.append(f"{prefix}{rule.id}: matches -> {rule.decision}")
+                return _Answer(rule.decision, rule, rule.overridable, layer)
+        kind = "read" if op in READ_OPS else "write"
         default = p.defaults.read if op in READ_OPS else p.defaults.write
-        trace.append(f"no rule matched -> defaults.{'read' if op in READ_OPS else 'write'}"
-                     f" = {default}")
-        return Decision(default, None, p.defaults.deny_errno, "", p.sha256, tuple(trace))
+        if trace is not None:
+            trace.append(f"{prefix}no rule matched -> defaults.{kind} = {default}")
+        return _Answer(default, None, p.defaults.overridable, layer)
+
+
+def _combine_note(origin: str, before: _Answer, answer: _Answer, taken: bool) -> str:
+    """One trace line: what layer *origin*'s answer did to the answer so far."""
+    if taken:
+        verb = ("tightens" if STRENGTH[answer.decision] > STRENGTH[before.decision]
+                else "relaxes")
+        return f"[{origin}] {verb} {before.decision} to {answer.decision}"
+    if STRENGTH[answer.decision] < STRENGTH[before.decision]:
+        why = (f"[{before.layer.origin}] did not mark it overridable" if not before.relaxable
+               else "only a rule can relax, not defaults")
+        return f"[{origin}] {answer.decision} cannot relax {before.decision}: {why}"
+    return f"[{origin}] {answer.decision} keeps {before.decision} (not stricter)"
+
+
+def summarize(layers: Sequence[Layer]) -> Policy:
+    """The stack as one Policy: every rule (top layer first), the strictest defaults
+    and approval settings, and one sha256 for the whole stack (what the audit records)."""
+    if len(layers) == 1:
+        return layers[0].policy
+    policies = [layer.policy for layer in layers]
+    sha = hashlib.sha256("".join(f"{layer.origin}:{layer.policy.sha256}\n"
+                                 for layer in layers).encode()).hexdigest()
+
+    def strictest(values: Sequence[str]) -> str:
+        return max(values, key=lambda v: STRENGTH[v])
+
+    defaults = Defaults(read=strictest([p.defaults.read for p in policies]),
+                        write=strictest([p.defaults.write for p in policies]),
+                        on_error=strictest([p.defaults.on_error for p in policies]),
+                        deny_errno=policies[0].defaults.deny_errno)
+    set_approval = [p.approval for p in policies if "approval" in p.sections]
+    approval = Approval()
+    if set_approval:
+        approval = Approval(timeout=min(a.timeout for a in set_approval),
+                            on_timeout=strictest([a.on_timeout for a in set_approval]),
+                            remember=min((a.remember for a in set_approval),
+                                         key=lambda r: _REMEMBER_WIDTH[r]),
+                            max_pending=min(a.max_pending for a in set_approval))
+    return Policy(name=" + ".join(p.name for p in policies),
+                  source=", ".join(f"{layer.origin}: {layer.policy.source}"
+                                   for layer in layers),
+                  sha256=sha, defaults=defaults, approval=approval,
+                  rules=tuple(r for p in policies for r in p.rules),
+                  sections=frozenset().union(*(p.sections for p in policies)))
 
 
 def _who_mismatch(rule: Rule, caller: Caller) -> str:

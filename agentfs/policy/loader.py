@@ -32,7 +32,7 @@ from agentfs.units import parse_duration
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _TOP_KEYS = {"version", "name", "vars", "defaults", "approval", "rules"}
-_RULE_KEYS = {"id", "priority", "paths", "ops", "decision", "message", "who"}
+_RULE_KEYS = {"id", "priority", "paths", "ops", "decision", "message", "who", "overridable"}
 
 
 class PolicyError(UserError):
@@ -81,6 +81,8 @@ def load_policy(path: str | Path) -> Policy:
         text = path.read_text()
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read policy: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PolicyError(f"{path}:1: not valid YAML: the file is not UTF-8 text") from None
     return parse_policy(text, str(path))
 
 
@@ -128,7 +130,8 @@ def parse_policy(text: str, source: str = "<policy>", env: dict[str, str] | None
     name = ctx.scalar(top["name"][1], "name") if "name" in top else Path(source).stem
     return Policy(name=name, source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
                   defaults=defaults, approval=approval,
-                  rules=tuple(sorted(rules, key=lambda r: r.sort_key)), vars=file_vars)
+                  rules=tuple(sorted(rules, key=lambda r: r.sort_key)), vars=file_vars,
+                  sections=frozenset(k for k in ("approval",) if k in top))
 
 
 def _expand(ctx: _Ctx, node: yaml.Node, value: str, variables: dict[str, str]) -> str:
@@ -152,7 +155,8 @@ def _decision(ctx: _Ctx, node: yaml.Node, what: str) -> str:
 
 
 def _defaults(ctx: _Ctx, node: yaml.Node) -> Defaults:
-    m = ctx.mapping(node, "defaults", {"read", "write", "on_error", "deny_errno"})
+    m = ctx.mapping(node, "defaults", {"read", "write", "on_error", "deny_errno",
+                                       "overridable"})
     for required in ("read", "write"):
         if required not in m:
             raise ctx.fail(node, f"defaults.{required} is required")
@@ -163,7 +167,9 @@ def _defaults(ctx: _Ctx, node: yaml.Node) -> Defaults:
                     write=_decision(ctx, m["write"][1], "defaults.write"),
                     on_error=_decision(ctx, m["on_error"][1], "defaults.on_error")
                     if "on_error" in m else "deny",
-                    deny_errno=ERRNOS[errno_name])
+                    deny_errno=ERRNOS[errno_name],
+                    overridable=_flag(ctx, m["overridable"][1], "defaults.overridable")
+                    if "overridable" in m else False)
 
 
 def _approval(ctx: _Ctx, node: yaml.Node) -> Approval:
@@ -233,7 +239,16 @@ def _rule(ctx: _Ctx, node: yaml.Node, order: int, variables: dict[str, str]) -> 
                 paths=tuple(paths), path_regex=compile_globs(paths), ops=frozenset(ops),
                 decision=_decision(ctx, m["decision"][1], f"rule {rule_id}"),
                 message=ctx.scalar(m["message"][1], "message") if "message" in m else "",
-                who=tuple(who))
+                who=tuple(who),
+                overridable=_flag(ctx, m["overridable"][1], f"rule {rule_id}: overridable")
+                if "overridable" in m else False)
+
+
+def _flag(ctx: _Ctx, node: yaml.Node, what: str) -> bool:
+    value = ctx.scalar(node, what).lower()
+    if value not in ("true", "false", "yes", "no"):
+        raise ctx.fail(node, f"{what} must be true or false")
+    return value in ("true", "yes")
 
 
 def _value_matcher(ctx: _Ctx, node: yaml.Node, text: str) -> ValueMatcher:

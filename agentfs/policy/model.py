@@ -72,6 +72,8 @@ class Rule:
     decision: str
     message: str = ""
     who: tuple[tuple[str, tuple[ValueMatcher, ...]], ...] = ()
+    overridable: bool = False    # a lower policy layer may relax what this rule decides
+    origin: str = ""             # the policy layer it came from (organisation, project, ...)
 
     @property
     def sort_key(self) -> tuple[int, int]:
@@ -84,6 +86,7 @@ class Defaults:
     write: str = "allow"
     on_error: str = "deny"
     deny_errno: int = errno.EACCES
+    overridable: bool = False    # a lower layer's rules may relax these defaults
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,15 @@ class Policy:
     approval: Approval
     rules: tuple[Rule, ...]
     vars: dict[str, str] = field(default_factory=dict)
+    sections: frozenset[str] = frozenset({"approval"})  # optional top sections the file set
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One policy file in a stack of them, and where in the stack it sits."""
+
+    origin: str                  # organisation | project | user | session | builtin
+    policy: Policy
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class Decision:
     message: str
     policy_sha256: str
     trace: tuple[str, ...] = ()  # rules tried, for `policy check`
+    origin: str = ""             # the policy layer whose rule or defaults decided
 
     @property
     def allowed(self) -> bool:

@@ -53,7 +53,7 @@ from agentfs import capabilities
 from agentfs.branches.store import MountInfo, Store, agentfs_home, mounted_paths
 from agentfs.errors import UserError
 from agentfs.mount import control, lifecycle
-from agentfs.policy.loader import load_policy
+from agentfs.policy.source import PolicySource
 from agentfs.proc import running
 from agentfs.sandbox import full, linux, nsinit, rootfs
 from agentfs.sandbox.nsinit import Identity, SandboxPlan
@@ -153,8 +153,7 @@ def run_sandbox(store: Store, req: RunRequest) -> int:
     if req.create:
         ensure_branch(store, req.branch)
     store.branch(req.branch)  # unknown branch: a UserError naming the known ones
-    if req.policy:
-        load_policy(req.policy)
+    PolicySource.for_mount(str(store.base), req.policy)  # every layer loads, or say why
     user = identity_from_env(os.environ)
     try:
         cwd = os.getcwd()
@@ -403,11 +402,14 @@ def _check_same_policy(store: Store, m: MountInfo, policy: str) -> None:
     except OSError as exc:
         raise UserError(f"cannot ask the daemon of {m.mountpoint} which policy it "
                         f"enforces: {exc}") from None
-    in_force = str((reply.get("mount") or {}).get("path") or "")
+    layers = (reply.get("mount") or {}).get("layers") or []
+    in_force = next((str(layer.get("path")) for layer in layers
+                     if layer.get("origin") == "session"), "")
     if in_force and os.path.realpath(in_force) == os.path.realpath(policy):
         return
     raise UserError(f"branch {m.branch!r} is already mounted at {m.mountpoint} (daemon pid "
-                    f"{m.pid}) with policy {in_force or 'unknown'}; a run shares that mount "
+                    f"{m.pid}) with policy {in_force or (reply.get('mount') or {}).get('path')}"
+                    "; a run shares that mount "
                     "and its policy, so drop --policy or unmount it first")
 
 
