@@ -100,6 +100,7 @@ class Overlay:
         self.trash: TrashHook | None = None   # None: deleted content is destroyed
         self.lock_fd: int | None = None       # the branch lock of whoever serves it
         self._reason = "unlink"
+        self._kept_fd: int | None = None  # see _copy_up(keep=True)
         self._reapers: list[Reaper] = []  # one per work area this view has had
         self._prepare_work()
 
@@ -362,8 +363,10 @@ class Overlay:
             self.top.set_meta(self.tree, path, {"origin": ino})
         self._invalidate(path)
 
-    def _copy_up(self, path: str, with_data: bool = True) -> Loc:
-        """Bring a non-directory into the top layer; returns its new location."""
+    def _copy_up(self, path: str, with_data: bool = True, keep: bool = False) -> Loc:
+        """Bring a non-directory into the top layer; returns its new location.  *keep*:
+        a regular file's copy stays open (read-write) as `_kept_fd`, for the caller to
+        take over (a copy-up for a writer: the handle needs no open of its own)."""
         loc = self._locate(path)
         if loc.layer == 0:
             return loc
@@ -383,19 +386,35 @@ class Overlay:
         if indexed:  # every name of a hard-linked lower file must see the one copy
             meta["lower_only"] = loc.lower_nlink
         top = self.top
-        copyup.clone_object(loc.host, loc.rel, st, self.work, tmp, with_data,
-                            on_fd=lambda fd: top.set_meta_fd(fd, os.fstat(fd), meta))
-        if indexed:
-            assert self.top.index is not None
-            self.work.rename_to(tmp, self.top.index, str(loc.lower_ino))
-            self.top.indexed.add(loc.lower_ino)
-            self._invalidate_all()  # other names now resolve to the index
+
+        def on_fd(fd: int, fst: os.stat_result) -> None:
+            top.set_meta_fd(fd, fst, meta)
+
+        fd = None
+        if loc.kind == stat.S_IFREG:
+            fd = copyup.clone_file(loc.host, loc.rel, st, self.work, tmp, with_data, on_fd)
         else:
-            with self._parent_times_kept(path):
-                self.work.rename_to(tmp, self.tree, path)
-            self._invalidate(path)
-        new = self._locate(path)
-        self._repoint_handles(ino, new)
+            copyup.clone_object(loc.host, loc.rel, st, self.work, tmp, with_data, on_fd)
+        try:
+            if indexed:
+                assert self.top.index is not None
+                self.work.rename_to(tmp, self.top.index, str(loc.lower_ino), dirs=False)
+                self.top.indexed.add(loc.lower_ino)
+                self._invalidate_all()  # other names now resolve to the index
+            else:
+                with self._parent_times_kept(path):
+                    self.work.rename_to(tmp, self.tree, path, dirs=False)
+                self._invalidate(path)
+            new = self._locate(path)
+            self._repoint_handles(ino, new)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if keep and fd is not None:
+            self._kept_fd = fd
+        elif fd is not None:
+            os.close(fd)
         return new
 
     def base_stamp(self, loc: Loc, path: str,
@@ -1002,7 +1021,16 @@ class Overlay:
             raise FsError(errno.EISDIR)
         wants_write = flags & _ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if wants_write and loc.layer != 0:
-            loc = self._copy_up(path, with_data=not flags & os.O_TRUNC)
+            loc = self._copy_up(path, with_data=not flags & os.O_TRUNC,
+                                keep=flags & _ACCMODE != os.O_RDONLY)
+            fd, self._kept_fd = self._kept_fd, None
+            if fd is not None:  # the copy's own fd (read-write) becomes the handle's
+                try:
+                    attr = self._attr(path, loc)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return self._new_handle(attr.ino, fd, flags, loc)
         attr = self._attr(path, loc)
         return self._open_handle(attr.ino, loc, flags)
 
@@ -1021,6 +1049,9 @@ class Overlay:
             fd = loc.host.open(loc.rel, (host_flags & ~os.O_RDWR) | os.O_WRONLY)
         if flags & os.O_TRUNC and acc == os.O_RDONLY and not loc.is_dir:
             os.ftruncate(fd, 0)
+        return self._new_handle(ino, fd, flags, loc)
+
+    def _new_handle(self, ino: int, fd: int, flags: int, loc: Loc) -> int:
         fh = next(self._fh)
         self.handles[fh] = Handle(ino=ino, fd=fd, flags=flags, on_top=loc.layer == 0)
         self._by_ino.setdefault(ino, set()).add(fh)

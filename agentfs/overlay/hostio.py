@@ -290,12 +290,16 @@ class HostDir:
         dfd, dname = dst.at(dst_rel)
         os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
 
-    def rename_to(self, src_rel: str, dst: HostDir, dst_rel: str, flags: int = 0) -> None:
+    def rename_to(self, src_rel: str, dst: HostDir, dst_rel: str, flags: int = 0,
+                  dirs: bool = True) -> None:
+        """*dirs* False: the caller knows neither name is a directory (a file renamed
+        to a free name or over a file), so no cached directory fd can be affected."""
         sfd, sname = self.at(src_rel)
         dfd, dname = dst.at(dst_rel)
         renameat2(sfd, sname, dfd, dname, flags)
-        self.forget(src_rel)
-        dst.forget(dst_rel)
+        if dirs:
+            self.forget(src_rel)
+            dst.forget(dst_rel)
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(f"/proc/self/fd/{self.fd}")
