@@ -64,7 +64,8 @@ class TrashHook(Protocol):
     def take(self, path: str, host: HostDir, rel: str, st: os.stat_result, reason: str,
              link: bool = False) -> None: ...
 
-    def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str) -> None: ...
+    def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str,
+               st: os.stat_result | None = None) -> None: ...
 
     def kept_open(self, path: str, ino: int, host: HostDir, rel: str, st: os.stat_result,
                   reason: str) -> None: ...
@@ -197,11 +198,12 @@ class Overlay:
     def _ino(self, path: str, loc: Loc, st: os.stat_result) -> int:
         return self.resolver.ino_of(path, loc, st)
 
-    def _attr(self, path: str, loc: Loc) -> Attr:
+    def _attr(self, path: str, loc: Loc, st: os.stat_result | None = None) -> Attr:
         """Attributes of *path*; objects in frozen layers or the base never change, so
-        theirs are remembered (git status stats every file through readdirplus)."""
+        theirs are remembered (git status stats every file through readdirplus).
+        *st*: the object's lstat, taken just now by the caller."""
         if loc.layer == 0:
-            return self._attr_uncached(path, loc)
+            return self._attr_uncached(path, loc, st)
         # a base object at its own path is keyed by the path alone (no tuple per key)
         key: str | tuple[str, int, str] = (
             path if loc.host is self._base_tree and loc.rel == path
@@ -211,12 +213,13 @@ class Overlay:
             return Attr.unpacked(packed)
         if len(self._frozen_attrs) > 200_000:
             self._frozen_attrs.clear()
-        attr = self._attr_uncached(path, loc)
+        attr = self._attr_uncached(path, loc, st)
         self._frozen_attrs[key] = attr.packed()
         return attr
 
-    def _attr_uncached(self, path: str, loc: Loc) -> Attr:
-        st = loc.host.lstat(loc.rel)
+    def _attr_uncached(self, path: str, loc: Loc, st: os.stat_result | None = None) -> Attr:
+        if st is None:
+            st = loc.host.lstat(loc.rel)
         ino = self._ino(path, loc, st)
         nlink = None
         if loc.is_dir and len(loc.parts) > 1:
@@ -229,7 +232,10 @@ class Overlay:
         return Attr.from_stat(ino, st, nlink)
 
     def getattr(self, path: str) -> Attr:
-        return self._attr(path, self._locate(path))
+        loc, st = self.resolver.locate_fresh(path)
+        if loc is None:
+            raise FsError(self._missing_errno(path), path)
+        return self._attr(path, loc, st)
 
     def lookup(self, path: str) -> Attr:
         """getattr that also counts a kernel reference to the inode."""
@@ -247,13 +253,13 @@ class Overlay:
         listing = self._listings.get(parent)
         if listing is not None and name not in listing:
             return None
-        loc = self.resolver.locate(path)
+        loc, st = self.resolver.locate_fresh(path)
         if loc is None:
             code = self._missing_errno(path)
             if code != errno.ENOENT:
                 raise FsError(code, path)
             return None
-        attr = self._attr(path, loc)
+        attr = self._attr(path, loc, st)
         self.inodes.remember(attr.ino, path)
         return attr
 
@@ -334,7 +340,20 @@ class Overlay:
                 raise
             for entry in entries:
                 seen.setdefault(entry.name, None)
-        return [n for n in seen if self.resolver.locate(join(path, n)) is not None]
+        names = []
+        locate_fresh = self.resolver.locate_fresh
+        for name in seen:
+            child = join(path, name)
+            cloc, st = locate_fresh(child)
+            if cloc is None:
+                continue
+            names.append(name)
+            if st is not None and cloc.layer != 0 and len(cloc.parts) <= 1:
+                # a lower object's attributes never change: keep them from the lstat
+                # just made (readdir and readdirplus ask for every entry's next; not a
+                # merged directory's, whose link count would list it)
+                self._attr(child, cloc, st)
+        return names
 
     def readdir(self, path: str) -> list[tuple[str, Attr]]:
         out = []
@@ -506,12 +525,13 @@ class Overlay:
         if whiteout:
             tmp = self._make_whiteout(stamp)
             if st is None:
-                self.work.rename_to(tmp, self.tree, path)
+                self.work.rename_to(tmp, self.tree, path, dirs=False)
             elif stat.S_ISDIR(st.st_mode):  # only whiteouts inside: nothing to keep
                 self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
                 self._drop_dir(self.work, tmp, st, ino)
             else:
-                self._keep_then(path, st, ino, lambda: self.work.rename_to(tmp, self.tree, path))
+                self._keep_then(path, st, ino,
+                                lambda: self.work.rename_to(tmp, self.tree, path, dirs=False))
         elif st is not None:
             if stat.S_ISDIR(st.st_mode):
                 self._drop_dir(self.tree, path, st, ino)
@@ -721,16 +741,23 @@ class Overlay:
         if loc.is_dir:
             raise FsError(errno.EISDIR)
         attr = self._attr(path, loc)
+        # a lower object: one lstat serves the trash record and commit's stamp
+        lst = loc.host.lstat(loc.rel) if loc.layer > 0 else None
         if self.trash is not None and loc.layer > 0 and not (
                 loc.kind == stat.S_IFREG and loc.lower_nlink > 1):
-            self.trash.hidden(path, self.layers[loc.layer], loc.host, loc.rel, "unlink")
+            self.trash.hidden(path, self.layers[loc.layer], loc.host, loc.rel, "unlink", lst)
         self._release_lower_name(path, loc)
-        parent, _ = split(path)
+        parent, name = split(path)
         self._ensure_dir_on_top(parent)
         self._reason = "unlink"
         self._remove_from_top(path, self.resolver.lower_exists(path), attr.ino,
-                              self.base_stamp(loc, path))
-        self._invalidate(path, dirs=False)
+                              self.base_stamp(loc, path, lst))
+        # the name is gone from the view: no need to resolve it again to know that
+        self.resolver.invalidate(path)
+        self.resolver.gone(path)
+        listing = self._listings.get(parent)
+        if listing is not None:
+            listing.pop(name, None)
         self.inodes.unlinked(attr.ino, path, last=attr.nlink <= 1)
 
     def rmdir(self, path: str) -> None:
@@ -981,6 +1008,13 @@ class Overlay:
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
             loc.host.utime(loc.rel, atime_ns, mtime_ns)
         return self._attr(path, loc)
+
+    def lost(self, ino: int) -> bool:
+        """Has *ino* no name, no open handle and no orphan (so `setattr` of it can only
+        fail ENOENT)?  The kernel's writeback of a removed file's ctime asks that of
+        every file `rm -rf` deleted."""
+        return (not self.inodes.has_path(ino) and not self._by_ino.get(ino)
+                and ino not in self._orphans)
 
     def fh_attr(self, fh: int | None) -> Attr:
         """Attributes through an open handle (its file may have no name any more)."""

@@ -49,6 +49,19 @@ class Resolver:
     def __init__(self, layers: list[Layer]) -> None:
         self.layers = layers
         self._cache: list[dict[str, Loc | None]] = [{} for _ in layers]
+        # the lstat the last computed Loc was made from (see `locate_fresh`)
+        self._fresh: tuple[HostDir, str, os.stat_result] | None = None
+
+    def locate_fresh(self, path: str) -> tuple[Loc | None, os.stat_result | None]:
+        """`locate`, and the lstat of the visible object if this very call had to make
+        one (a cached answer has none): the caller's attributes need no second lstat
+        (a lookup used to make two of every new name)."""
+        self._fresh = None
+        loc = self.locate(path)
+        fresh, self._fresh = self._fresh, None
+        if loc is None or fresh is None or fresh[0] is not loc.host or fresh[1] != loc.rel:
+            return loc, None
+        return loc, fresh[2]
 
     def invalidate(self, path: str, subtree: bool = False) -> None:
         top = self._cache[0]
@@ -57,6 +70,12 @@ class Resolver:
             prefix = path + "/"
             for key in [k for k in top if k.startswith(prefix)]:
                 del top[key]
+
+    def gone(self, path: str) -> None:
+        """*path* shows nothing now (the engine just removed it): say so without an lstat."""
+        top = self._cache[0]
+        if len(top) < _CACHE_LIMIT:
+            top[path] = None
 
     def invalidate_all(self) -> None:
         self._cache[0].clear()
@@ -130,6 +149,7 @@ class Resolver:
         if own is not None and st is not None:
             kind = stat.S_IFMT(st.st_mode)
             if kind != stat.S_IFDIR:
+                self._fresh = (layer.tree, own, st)
                 return Loc(kind, k, layer.tree, own)
             meta = layer.meta(layer.tree, own, st)
             if meta.get("opaque"):
@@ -162,6 +182,7 @@ class Resolver:
         if st is None:
             return None
         kind = stat.S_IFMT(st.st_mode)
+        self._fresh = (host, path, st)
         if kind == stat.S_IFDIR:
             return Loc(kind, k, host, path, own_rel=path, parts=((k, path),))
         return Loc(kind, k, host, path, lower_ino=st.st_ino, lower_nlink=st.st_nlink)

@@ -67,11 +67,13 @@ def stamp_of(st: os.stat_result, held: bool) -> list[int]:
 
 
 def describe(host: HostDir, rel: str, entry_rel: str, hash_limit: int,
-             held: bool = True) -> dict[str, Any]:
+             held: bool = True, st: os.stat_result | None = None) -> dict[str, Any]:
     """Everything needed to put an object back as it was.  Content is identified by
     its stat stamp; it is hashed only up to *hash_limit* bytes (0: never), which
-    deletions skip: reading every file `rm -rf` removes cost more than the delete."""
-    st = host.lstat(rel)
+    deletions skip: reading every file `rm -rf` removes cost more than the delete.
+    *st*: the object's lstat, if the caller just made one."""
+    if st is None:
+        st = host.lstat(rel)
     entry: dict[str, Any] = {
         "rel": entry_rel, "kind": kind_of(st.st_mode), "mode": st.st_mode, "uid": st.st_uid,
         "gid": st.st_gid, "size": st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
@@ -156,9 +158,10 @@ class TrashSink:
         entry = describe(self.area.host, data, "", 0)
         self._record(item_id, path, entry["kind"], reason, [entry])
 
-    def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str) -> None:
+    def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str,
+               st: os.stat_result | None = None) -> None:
         item_id, _ = self._new()
-        entry = describe(host, rel, "", 0, held=False)
+        entry = describe(host, rel, "", 0, held=False, st=st)
         entry["source"] = _source(layer, host, rel)
         self._record(item_id, path, entry["kind"], reason, [entry])
 

@@ -57,6 +57,7 @@ RENAME_EXCHANGE: Final = 2
 DIR_OPEN_FLAGS: Final = p.FOPEN_CACHE_DIR | p.FOPEN_KEEP_CACHE
 _ACCMODE: Final = os.O_ACCMODE
 _WRITEBACK_TIMES: Final = p.FATTR_MTIME | p.FATTR_CTIME | p.FATTR_FH | p.FATTR_LOCKOWNER
+_LOST_TIMES: Final = p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_CTIME | p.FATTR_LOCKOWNER
 
 Reply = bytes | list[Any] | None
 
@@ -432,6 +433,9 @@ class KernelOperations:
         (valid, _, fh, size, _, atime, mtime, _, atimens, mtimens, _, mode, _, new_uid,
          new_gid, _) = p.SETATTR_IN.unpack_from(self.buf, 40)
         ov = self.ov
+        if valid & ~_LOST_TIMES == 0 and ov.lost(nodeid):
+            # the writeback of a removed file's times: what the engine would answer
+            return p.OUT_HEADER.pack(16, -errno.ENOENT, unique)
         path = ov.inodes.path(nodeid) if ov.inodes.has_path(nodeid) else None
         now = time.time_ns() if valid & (p.FATTR_ATIME_NOW | p.FATTR_MTIME_NOW) else 0
         atime_ns = (atime * NS + atimens if valid & p.FATTR_ATIME
