@@ -199,6 +199,10 @@ class TrashArea:
         self._jfd: int | None = None
         self._jbytes = 0
         self._pending: dict[str, dict[str, Any]] = {}
+        # pending id -> its entries as JSON, without their "rel" (see `entry_json`): a
+        # tree folds its children's entries in, and `rm -rf` folds every level of a
+        # tree into the next, so they are encoded once, not once per level
+        self._rests: dict[str, list[str]] = {}
         self._pending_since = 0.0  # time.monotonic() of the oldest pending record
         self._flush_failing = False  # the last flush failed (its warning was given)
 
@@ -227,16 +231,27 @@ class TrashArea:
         return new_id()
 
     # -- writing -------------------------------------------------------------------------
-    def add(self, item_id: str, meta: dict[str, Any], folded: Iterable[str] = ()) -> None:
+    def entry_rests(self, item_id: str) -> list[str] | None:
+        """A pending item's entries encoded as `add` was given them (`entry_rest`)."""
+        with self._lock:
+            return self._rests.get(item_id)
+
+    def add(self, item_id: str, meta: dict[str, Any], folded: Iterable[str] = (),
+            rests: list[str] | None = None) -> None:
         """Record a new item, which replaces the *folded* ones (their data is now in
-        its data): one journal write, no file (see the module docstring)."""
+        its data): one journal write, no file (see the module docstring).  *rests*:
+        meta["entries"] already encoded, one `entry_rest` each (or None)."""
         folded = list(folded)
         with self._lock:
             if self._pending and time.monotonic() - self._pending_since >= FLUSH_AGE:
                 self._flush_locked()
-            line = _line("put", item_id, meta)
+            if rests is not None and len(rests) == len(meta["entries"]):
+                line = _put_line(item_id, meta, rests)
+            else:
+                line, rests = _line("put", item_id, meta), None
             stale = []  # folded items that are already files
             for old in folded:
+                self._rests.pop(old, None)
                 if self._pending.pop(old, None) is not None:
                     line += _line("drop", old)
                 else:
@@ -262,6 +277,8 @@ class TrashArea:
                 if not self._pending:
                     self._pending_since = time.monotonic()
                 self._pending[item_id] = meta
+                if rests is not None:
+                    self._rests[item_id] = rests
             for old in stale:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.root / f"{old}{META}")
@@ -271,6 +288,7 @@ class TrashArea:
     def write(self, item_id: str, meta: dict[str, Any]) -> None:
         """Replace an item's record (in the journal while it is pending)."""
         with self._lock:
+            self._rests.pop(item_id, None)
             if item_id in self._pending:
                 try:
                     self._append(_line("put", item_id, meta))
@@ -319,6 +337,7 @@ class TrashArea:
             self._flush_failing = False
         n = len(self._pending)
         self._pending.clear()
+        self._rests.clear()
         if self._jfd is not None and self._jbytes:
             os.ftruncate(self._jfd, 0)
             self._jbytes = 0
@@ -520,6 +539,7 @@ class TrashArea:
     def _remove(self, item_id: str, foreign: _Foreign | None) -> None:
         with self._lock:
             mine = self._pending.pop(item_id, None) is not None
+            self._rests.pop(item_id, None)
             if mine:
                 try:
                     self._append(_line("drop", item_id))
@@ -566,6 +586,24 @@ class TrashArea:
             for item in doomed:
                 self._remove(item.id, foreign)
         return doomed
+
+
+def entry_rest(entry: dict[str, Any]) -> str:
+    """An entry as JSON without its "rel": `'{"rel": ' + json.dumps(rel) + rest` is the
+    entry under any rel (a folded child's entries get their directory's prefix)."""
+    body = json.dumps({k: v for k, v in entry.items() if k != "rel"})
+    return ", " + body[1:] if len(body) > 2 else "}"
+
+
+def _put_line(item_id: str, meta: dict[str, Any], rests: list[str]) -> bytes:
+    """_line("put", item_id, meta) with the entries from their encoded *rests*: the same
+    JSON value, only the other fields are encoded here."""
+    head = json.dumps({k: v for k, v in meta.items() if k != "entries"})
+    dumps = json.dumps
+    entries = ", ".join(['{"rel": ' + dumps(e["rel"]) + rest
+                         for e, rest in zip(meta["entries"], rests, strict=True)])
+    body = (head[:-1] + ", " if len(head) > 2 else "{") + '"entries": [' + entries + "]}"
+    return ('{"op": "put", "id": ' + dumps(item_id) + ', "meta": ' + body + "}\n").encode()
 
 
 def _line(op: str, item_id: str, meta: dict[str, Any] | None = None) -> bytes:

@@ -25,7 +25,7 @@ from agentfs.context import CALLER
 from agentfs.overlay.hostio import HostDir, join, split
 from agentfs.overlay.layers import MARKER, Layer
 from agentfs.proc import exe_of, running
-from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, TrashArea
+from agentfs.trash.area import DATA, DEFAULT_HASH_LIMIT, TrashArea, entry_rest
 
 log = logging.getLogger(__name__)
 # deleted items remembered (by id) for folding into trees: `rm -rf` needs only those
@@ -113,7 +113,10 @@ class TrashSink:
     # -- records ---------------------------------------------------------------------
     def _record(self, item_id: str, path: str, kind: str, reason: str,
                 entries: list[dict[str, Any]], state: str = "final",
-                folded: list[str] | None = None) -> dict[str, Any]:
+                folded: list[str] | None = None,
+                rests: list[str] | None = None) -> dict[str, Any]:
+        """*rests*: the entries' `entry_rest`s where the caller has them (a tree's
+        children's, from the area), else they are encoded here."""
         pid, uid = CALLER.get()
         meta = {
             "id": item_id, "branch": self.branch, "path": path, "kind": kind,
@@ -121,7 +124,8 @@ class TrashSink:
             "pid": pid, "uid": uid, "exe": self._exe(pid),
             "daemon_pid": os.getpid(), "entries": entries}
         _totals(meta)
-        self.area.add(item_id, meta, folded or ())
+        self.area.add(item_id, meta, folded or (),
+                      rests if rests is not None else [entry_rest(e) for e in entries])
         if self._remembered >= _REMEMBER:
             self._children.clear()
             self._remembered = 0
@@ -198,6 +202,7 @@ class TrashSink:
         own["source"] = _source(layer, host, rel)
         made_data = False  # the tree's data directory, made for the first held child
         entries = [own]
+        rests: list[str] | None = [entry_rest(own)]
         state = "final"
         folded = []
         children = self._children.pop(path, {})
@@ -206,6 +211,12 @@ class TrashSink:
             child = self.area.record(child_id)
             if child is None:
                 continue  # purged meanwhile
+            child_rests = self.area.entry_rests(child_id) if rests is not None else None
+            if child_rests is None or len(child_rests) != len(child.get("entries", ())):
+                rests = None  # encoded as a whole by the area
+            else:
+                assert rests is not None
+                rests.extend(child_rests)
             src = self.area.root / f"{child_id}{DATA}"
             # only held content has data here (a deleted base file's stays in the base)
             if any(e.get("held") for e in child.get("entries", ())) and os.path.lexists(src):
@@ -223,7 +234,8 @@ class TrashSink:
             folded.append(child_id)
         # the tree's record and the end of its children's in one journal write (a
         # child that is only pending never becomes a file)
-        self._record(item_id, path, "tree", reason, entries, state, folded)
+        self._record(item_id, path, "tree", reason, entries, state, folded,
+                     rests if rests is not None else [entry_rest(e) for e in entries])
 
     def copied(self, path: str, host: HostDir, rel: str, reason: str) -> None:
         """Keep a copy of what is about to be overwritten (truncation under soft_delete)."""
