@@ -9,12 +9,15 @@ The loop is plain and blocking: read a request, look its handler up by opcode, r
 under the engine lock, write the reply with one system call.  It runs on THREADS (8)
 threads, AGENTFS_FUSE_THREADS=N to change (1: a single thread), each with its
 own request buffer (the kernel hands each request to one reader): the engine stays
-serialised by its lock, but reading requests, writing replies and, before the lock, an
+serialised by its lock, but reading requests and writing replies overlap it: on the
+bench untar, create and grep take a quarter less time than on one thread.  An
 opcode's *warmer* (LOOKUP: the layer lstats that bring the host's inodes into its
-cache) overlap, so a cold `git status` (20 threads of lstat) waits for the disk side by
-side instead of one inode at a time: 1.6x faster cold, 1.8x more operations a second
-from 8 processes, measured under load; on the bench untar, create and grep take a
-quarter less time.  (The first version let the main thread pick up a buffer another
+cache) can run before the lock, so that cold lookups wait for the disk side by side;
+it is off unless AGENTFS_FUSE_WARM=1: on the 2-core VM the extra Python and lstat of
+every lookup, contending for the GIL with the lock holder, cost more than the
+overlapped disk waits saved (cold `git status` of the bench repo, 8 threads, 4 runs
+each: 502-585 ms with warmers, 410-485 ms without; a disk slower than this VM's may
+gain from them).  (The first version let the main thread pick up a buffer another
 thread had already bound: requests lost, fsync hung.  Fixed; since then the 8-worker
 stress, the mounted behaviour, model, policy and live-fork suites pass with 8.)  A handler
 returns the whole reply message (out header included) or None when it replies later
@@ -286,7 +289,7 @@ class Session:
         own = self.buf  # taken before the others start: each sets self.buf to its own
         own = self.buf  # before the other threads start: they rebind self.buf
         none: list[Warmer | None] = [None] * p.MAX_OPCODE
-        warmers = self.warmers if threads > 1 else none
+        warmers = self.warmers if threads > 1 and _warming() else none
         others = [threading.Thread(target=self._serve_logged,
                                    args=(table, warmers, bytearray(BUFFER_SIZE)),
                                    name=f"agentfs-fuse-{i}", daemon=True)
@@ -380,6 +383,11 @@ def _thread_count() -> int:
     except ValueError:
         log.warning("AGENTFS_FUSE_THREADS=%r is not a number; using %d", raw, THREADS)
         return THREADS
+
+
+def _warming() -> bool:
+    """AGENTFS_FUSE_WARM=1: run the opcodes' warmers (see the module docstring)."""
+    return os.environ.get("AGENTFS_FUSE_WARM", "") not in ("", "0")
 
 
 def _timed(opcode: int, handler: Handler, stats: dict[int, list[float]]) -> Handler:
