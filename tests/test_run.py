@@ -31,6 +31,7 @@ import pytest
 from mountutil import AGENTFS, cli_env, require_fuse, run_cli
 from treehash import tree_fingerprint
 
+from agentfs import capabilities
 from agentfs.errors import UserError
 from agentfs.sandbox import launch, linux, nsinit, rootfs
 
@@ -485,7 +486,8 @@ def test_not_root_is_refused_clearly(project: Project) -> None:
                           *cli, "--store", str(project.store), "run", "--branch", "b", "--",
                           "true"], capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd="/")
     assert res.returncode == 1
-    assert res.stderr.strip() == f"agentfs: {launch.ROOT_MESSAGE}"
+    # the same line `agentfs doctor` gives for the missing piece
+    assert res.stderr.strip() == f"agentfs: {capabilities.probe_root(65534).message()}"
 
 
 def _read_until(fd: int, out: bytearray, token: bytes, timeout: float = 20) -> bool:

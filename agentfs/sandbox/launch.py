@@ -60,8 +60,6 @@ from agentfs.sandbox.nsinit import Identity, SandboxPlan
 
 log = logging.getLogger(__name__)
 
-ROOT_MESSAGE = ("agentfs run needs root (it mounts FUSE, creates namespaces and pivots "
-                "root); run it with sudo")
 SANDBOX_DIR = re.compile(r"sandbox-(\d+)-[^/]+")
 LAZY_EXIT_TIMEOUT = 10.0
 STATUS_TIMEOUT = 5.0
@@ -89,8 +87,9 @@ class ViewLease:
 
 # -- checks -------------------------------------------------------------------------
 def check_root(euid: int | None = None) -> None:
-    if (os.geteuid() if euid is None else euid) != 0:
-        raise UserError(ROOT_MESSAGE)
+    check = capabilities.probe_root(euid)
+    if not check.ok:
+        raise UserError(check.message())  # the line `agentfs doctor` explains it with
 
 
 def check_namespaces(network: bool) -> None:
