@@ -106,12 +106,12 @@ def test_allow_deny_ask_and_defaults_with_rule_names(pinned: MountedBranch) -> N
     mnt = pinned.mountpoint
     with control.Connection(_sock(pinned.store, pinned.pid)) as conn:
         assert conn.request(_file(mnt / "src/a.py", "open_read")) == {
-            "allow": True, "rule": "allow-workspace", "decision": "allow"}
+            "allow": True, "rule": "allow-workspace", "decision": "allow", "layer": "session"}
         deny = conn.request(_file(mnt / ".ssh/id_rsa", "open_read"))
         assert (deny["allow"], deny["rule"], deny["decision"]) == (False, "deny-ssh", "deny")
         assert deny["message"] == "secrets are off limits (open_read .ssh/id_rsa)"
         assert conn.request(_file(mnt / "notes.txt", "write")) == {
-            "allow": True, "rule": "defaults", "decision": "allow"}
+            "allow": True, "rule": "defaults", "decision": "allow", "layer": "session"}
         # an ask rule is answered at once, never put to a person
         t = time.monotonic()
         ask = conn.request(_file(mnt / "x/.env", "open_read"))
@@ -125,6 +125,24 @@ def test_allow_deny_ask_and_defaults_with_rule_names(pinned: MountedBranch) -> N
         assert conn.request(_file(mnt, "readdir"))["allow"] is True
         # the older requests still work on the same connection
         assert conn.request({"op": "ping"})["ok"] is True
+
+
+def test_the_query_command(pinned: MountedBranch) -> None:
+    """`agentfs policy query`: the mount is found from the path, exit 0 / 1 / error."""
+    mnt = pinned.mountpoint
+    ok = pinned.cli("policy", "query", str(mnt / "src/a.py"), "--op", "open_read")
+    assert ok.stdout.strip() == "allow (rule allow-workspace from the session layer)"
+    denied = pinned.cli("policy", "query", str(mnt / ".ssh/id_rsa"), "--json", check=False)
+    assert denied.returncode == 1
+    assert json.loads(denied.stdout)["message"] == ("secrets are off limits (open_read "
+                                                    ".ssh/id_rsa)")
+    outside = pinned.cli("policy", "query", "/etc/passwd", check=False)
+    assert outside.returncode == 5 and "is not under an agentfs mount" in outside.stderr
+    bad = pinned.cli("policy", "query", str(mnt / "x"), "--op", "frobnicate", check=False)
+    assert bad.returncode == 2 and "unknown operation 'frobnicate'" in bad.stderr
+    nosuch = pinned.cli("policy", "query", str(mnt / "x"), "--pid", "999999999", check=False)
+    assert nosuch.returncode == 1 and "no process 999999999" in nosuch.stderr
+    assert len(_events(pinned.store, 2, op="query:open_read")) >= 2
 
 
 def test_many_requests_on_one_connection_are_answered_in_order(pinned: MountedBranch

@@ -1,4 +1,4 @@
-"""`agentfs policy check | lint | test | reload | show | default`."""
+"""`agentfs policy check | lint | test | reload | show | query | default`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import typer
 import yaml
 
 from agentfs.cli.common import open_store, print_json
-from agentfs.cli.daemons import ask_daemon, daemon_at
-from agentfs.errors import NotFoundError, UsageError, UserError
+from agentfs.cli.daemons import ask_daemon, daemon_at, live_daemons, live_stores
+from agentfs.errors import MountError, NotFoundError, UsageError, UserError
 from agentfs.policy.effective import render
 from agentfs.policy.engine import DEFAULT_POLICY, PolicyEngine, default_policy
 from agentfs.policy.lint import shadowed
@@ -203,6 +203,67 @@ def _print_layers(label: str, info: dict[str, Any]) -> None:
                    "`agentfs policy default`)")
     if not info.get("looked_for") and "builtin" not in loaded:
         typer.echo(f"  {info['path']}")
+
+
+@app.command("query")
+def query(ctx: typer.Context,
+          path: Path | None = typer.Argument(None, help="a path under an agentfs mount"),
+          op: str = typer.Option("open_read", "--op", help="the operation, e.g. unlink"),
+          pid: int = typer.Option(0, "--pid", help="decide for this process (default: "
+                                                   "this command's parent, the shell)"),
+          session_of: int = typer.Option(0, "--session-of",
+                                         help="instead: which session PID belongs to"),
+          mountpoint: Path | None = typer.Option(None, "--mount",
+                                                 help="the mount to ask (default: the one "
+                                                      "PATH is under)"),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Ask a running mount's decision service what it would decide, without doing the
+    operation (exit 0: allowed, 1: not). The question is audited like the mount's own."""
+    if session_of:
+        if mountpoint is None:
+            raise UsageError("--session-of needs --mount MOUNTPOINT")
+        message: dict[str, Any] = {"type": "session", "pid": session_of}
+        root, daemon = daemon_at(ctx, mountpoint)
+    else:
+        if path is None:
+            raise UsageError("give a PATH under a mount (or --session-of PID --mount MNT)")
+        if op not in OPS:
+            raise UsageError(f"unknown operation {op!r} (one of {', '.join(sorted(OPS))})")
+        target = os.path.abspath(path)
+        root, daemon, _ = _mount_of(ctx, target, mountpoint)
+        message = {"type": "file", "path": target, "operation": op,
+                   "pid": pid or os.getppid()}
+    reply = ask_daemon(root, daemon, message)
+    if as_json:
+        print_json(reply)
+    elif "error" in reply:
+        raise UserError(str(reply["error"]))
+    elif session_of:
+        typer.echo(f"pid {session_of}: session {reply['session_id']} on branch "
+                   f"{reply['branch']}" if reply.get("allow") else str(reply.get("message")))
+    else:
+        layer = f" from the {reply['layer']} layer" if reply.get("layer") else ""
+        typer.echo(f"{reply.get('decision')} (rule {reply.get('rule')}{layer})"
+                   + (f": {reply['message']}" if reply.get("message") else ""))
+    if "error" in reply:
+        raise typer.Exit(1)
+    if not reply.get("allow"):
+        raise typer.Exit(1)
+
+
+def _mount_of(ctx: typer.Context, target: str, mountpoint: Path | None
+              ) -> tuple[Path, int, str]:
+    """(store root, daemon pid, mountpoint) of the mount *target* is under."""
+    daemons = live_daemons(live_stores(ctx))
+    if mountpoint is not None:
+        want = os.path.abspath(mountpoint)
+        daemons = [d for d in daemons if d[2] == want]
+        if not daemons:
+            raise MountError(f"{want} is not an agentfs mount (see `agentfs status`)")
+    under = [d for d in daemons if target == d[2] or target.startswith(d[2].rstrip("/") + "/")]
+    if not under:
+        raise MountError(f"{target} is not under an agentfs mount (see `agentfs status`)")
+    return max(under, key=lambda d: len(d[2]))  # the innermost
 
 
 @app.command("default")

@@ -375,6 +375,8 @@ class DecisionQueries:
         d = engine.decide(operation, rel, caller)
         rule = d.rule or "defaults"
         reply = {"allow": d.allowed, "rule": rule, "decision": d.decision}
+        if d.origin:
+            reply["layer"] = d.origin   # which policy layer decided (organisation, ...)
         if d.decision == "deny":
             reply["message"] = d.message or (f"{operation} {rel or '/'} is denied by "
                                              f"{'rule ' + rule if d.rule else 'the defaults'}")
