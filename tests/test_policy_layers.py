@@ -346,3 +346,37 @@ def test_layer_spec_paths_are_absolute_for_the_session(tmp_path: Path,
     monkeypatch.chdir(tmp_path)
     specs = discover(None, "rel.yaml", {})
     assert specs[-1] == LayerSpec("session", str(tmp_path / "rel.yaml"), required=True)
+
+
+def test_committing_a_project_policy_change_says_so(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from cliutil import invoke
+
+    from agentfs.branches.store import Store
+    from agentfs.mount.view import open_branch_view
+
+    base = tmp_path / "base"
+    write(base / ".agentfs/policy.yaml", PROJECT)
+    (base / "other.txt").write_text("x\n")
+    home = tmp_path / "home"
+    monkeypatch.setenv("AGENTFS_HOME", str(home))
+    store = Store.create(base, tmp_path / "store")
+    for name, path in (("edits-policy", ".agentfs/policy.yaml"), ("plain", "other.txt")):
+        store.create_branch(name)
+        ov = open_branch_view(store, name)
+        fh = ov.open(path, os.O_WRONLY | os.O_TRUNC)
+        ov.write(fh, 0, RELAXED.encode())
+        ov.release(fh)
+        ov.close()
+    store.close()
+    dry = invoke("branch", "commit", "edits-policy", "--dry-run", home=home,
+                 store=tmp_path / "store")
+    assert dry.code == 0 and (
+        "note: this would change the project policy .agentfs/policy.yaml (M); mounts of "
+        "this base enforce it from their next start or `agentfs policy reload` (review "
+        "it: agentfs branch diff edits-policy .agentfs/policy.yaml)") in dry.stderr
+    done = invoke("branch", "commit", "edits-policy", home=home, store=tmp_path / "store")
+    assert done.code == 0 and "note: this changed the project policy" in done.stderr
+    assert (base / ".agentfs/policy.yaml").read_text() == RELAXED
+    other = invoke("branch", "commit", "plain", home=home, store=tmp_path / "store")
+    assert other.code == 0 and "project policy" not in other.stderr

@@ -130,6 +130,23 @@ def commit(ctx: typer.Context, name: str,
         typer.echo(f"{c['status']}\t{arrow}{c['path']}")
     typer.echo(f"{verb} {len(report.changes)} change(s) from {name} to {report.target}"
                + (f" (commit {report.commit_id})" if report.commit_id else ""))
+    _note_policy_change(name, report.target, report.changes, dry_run)
+
+
+def _note_policy_change(name: str, target: str, changes: list[dict[str, str]],
+                        dry_run: bool) -> None:
+    """A commit into the base that touches the project policy changes the rules every
+    later mount of the base enforces (agentfs/policy/layers.py): say so, once."""
+    from agentfs.policy.layers import PROJECT_POLICY
+
+    policy = "/".join(PROJECT_POLICY)
+    touched = [c for c in changes if policy in (c.get("path"), c.get("old_path"))]
+    if target != "base" or not touched:
+        return
+    when = "would change" if dry_run else "changed"
+    typer.echo(f"note: this {when} the project policy {policy} ({touched[0]['status']}); "
+               "mounts of this base enforce it from their next start or `agentfs policy "
+               f"reload` (review it: agentfs branch diff {name} {policy})", err=True)
 
 
 @app.command("discard")
