@@ -19,13 +19,13 @@ from agentfs.overlay.hostio import HostDir
 from agentfs.overlay.layers import MARKER
 
 _tmp_names = itertools.count()
-# the process's ids, read once (a copy-up asked for them every time); a forked child
+# the process's id, read once (a copy-up asked for it every time); a forked child
 # (agentfs run, the test suite) reads its own
 _ids: list[int] = []
 
 
 def _reset_ids() -> None:
-    _ids[:] = [os.getpid(), os.geteuid(), os.getegid()]
+    _ids[:] = [os.getpid()]
 
 
 _reset_ids()
@@ -125,16 +125,15 @@ def clone_file(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir, dst
     """`clone_object` of a regular file; returns the copy's fd, open for reading and
     writing (the caller closes it; a copy-up for a writer keeps it as the handle's)."""
     mode = stat.S_IMODE(st.st_mode)
-    owned = (st.st_uid, st.st_gid) == (_ids[1], _ids[2])
-    # created with its final mode where nothing can change it afterwards (no chown to
-    # make, no set-id bit that writing the data could clear); the umask may still have
-    # taken bits (the daemon has none, a CLI process may), which the fstat shows
-    final = owned and not mode & (stat.S_ISUID | stat.S_ISGID)
-    fd = dst.open(dst_rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode if final else 0o600)
+    # created with its mode unless it has set-id bits (writing the data, or a chown,
+    # could clear them: those are set last); the fstat shows what the umask (the
+    # daemon has none, a CLI process may) and a set-gid directory left
+    setid = mode & (stat.S_ISUID | stat.S_ISGID)
+    fd = dst.open(dst_rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600 if setid else mode)
     try:
         fst = os.fstat(fd)
-        if final and stat.S_IMODE(fst.st_mode) != mode:
-            final = False
+        owned = (fst.st_uid, fst.st_gid) == (st.st_uid, st.st_gid)
+        final = owned and stat.S_IMODE(fst.st_mode) == mode
         if with_data and st.st_size:
             sfd = src.open_quiet(src_rel, os.O_RDONLY)
             try:
@@ -161,7 +160,7 @@ def clone_file(src: HostDir, src_rel: str, st: os.stat_result, dst: HostDir, dst
 
 def _copy_owner_mode_fd(st: os.stat_result, fd: int, owned: bool) -> None:
     """Owner, then mode (a chown clears set-uid bits), of a file this process just
-    created (so it owns it; no chown when the owner is already right)."""
+    created (so it owns it; no chown when the owner is already right: *owned*)."""
     if not owned:
         with contextlib.suppress(PermissionError):  # an unprivileged daemon keeps its uid
             os.fchown(fd, st.st_uid, st.st_gid)
