@@ -120,6 +120,10 @@ class MountedBranch:
                        "--impl", self.impl, *self.mount_opts)
         m = re.search(r"daemon pid (\d+)", res.stdout)
         self.pid = int(m.group(1)) if m else None
+        if self.pid is not None:  # a mount reported ready answers control requests at once
+            from agentfs.mount import control
+
+            assert control.socket_path(self.store, self.pid).exists(), "no control socket yet"
 
     def unmount(self) -> None:
         self.cli("umount", str(self.mountpoint))

@@ -122,19 +122,30 @@ IDLE_TIMEOUT: Final = 600.0  # a connection with nothing in flight is closed aft
 LINE_TIMEOUT: Final = 30.0   # a line begun but not finished within this is given up
 
 
-async def serve(path: Path, handle: Handler) -> None:
-    """Answer requests until cancelled; *handle(request, peer_pid)* runs on the trio
-    thread (no locking)."""
+def bind(path: Path) -> socket.socket:
+    """The listening control socket at *path* (mode 0600).  Daemons bind it before they
+    report the mount ready: a client that connects the moment `agentfs mount` returns
+    must find it (it used to appear a little later, from the daemon's task loop)."""
     if path.exists():
         path.unlink()
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old = os.umask(0o177)
     try:
         with reachable(path) as name:
-            await listener.bind(name)
+            listener.bind(name)
+    except OSError:
+        listener.close()
+        raise
     finally:
         os.umask(old)
     listener.listen(16)
+    return listener
+
+
+async def serve(path: Path, handle: Handler, bound: socket.socket | None = None) -> None:
+    """Answer requests until cancelled; *handle(request, peer_pid)* runs on the trio
+    thread (no locking).  *bound*: the socket `bind(path)` made earlier."""
+    listener = trio.socket.from_stdlib_socket(bound if bound is not None else bind(path))
 
     async def one(conn: trio.socket.SocketType) -> None:
         with conn:

@@ -8,6 +8,7 @@ is removed on the way out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import resource
@@ -127,6 +128,9 @@ class Daemon:
             branch=config.default_branch if config.per_process else config.branch,
             per_process=config.per_process,
             from_sessions=config.decision_queries_from_sessions)
+        # bound now, before any front end reports the mount ready
+        self.control_path = control.socket_path(config.store_root, os.getpid())
+        self.listener = control.bind(self.control_path)
 
     @property
     def holder(self) -> str:
@@ -355,11 +359,14 @@ class Daemon:
         nursery.start_soon(keep_trash_in_bounds)
         nursery.start_soon(write_trash_records)
         nursery.start_soon(end_sessions)
-        nursery.start_soon(control.serve,
-                           control.socket_path(self.config.store_root, os.getpid()),
-                           lambda req, pid: guarded(lambda: self.handle(req, pid)))
+        nursery.start_soon(control.serve, self.control_path,
+                           lambda req, pid: guarded(lambda: self.handle(req, pid)),
+                           self.listener)
 
     def close(self) -> None:
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.control_path)  # serve() removes it too; a failed mount did not
         if isinstance(self.ops, PerProcessOperations):
             self.ops.close()
         else:
@@ -382,10 +389,11 @@ def open_daemon(config: MountConfig, ready: Callable[[str | None], None]
     """The store and the daemon for *config*, or None after telling *ready* why not."""
     try:
         store = Store(config.store_root)
-        return store, Daemon(config, store)
+        daemon = Daemon(config, store)
     except UserError as exc:
         ready(str(exc))
         return None
+    return store, daemon
 
 
 def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
@@ -401,6 +409,8 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
         pyfuse3.init(daemon.ops, config.mountpoint, fuse_options(config.debug))
     except RuntimeError as exc:
         ready(f"could not mount {config.mountpoint}: {exc}")
+        daemon.close()
+        store.close()
         return 1
     mode = "per-process" if config.per_process else "pinned"
     try:
