@@ -380,3 +380,64 @@ def test_committing_a_project_policy_change_says_so(tmp_path: Path,
     assert (base / ".agentfs/policy.yaml").read_text() == RELAXED
     other = invoke("branch", "commit", "plain", home=home, store=tmp_path / "store")
     assert other.code == 0 and "project policy" not in other.stderr
+
+
+# -- properties of the combination, over random stacks ----------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from agentfs.policy.engine import STRENGTH  # noqa: E402
+
+DECISIONS = ["allow", "deny", "ask", "audit", "soft_delete"]
+GLOBS = ["x/**", "x/a", "**/a", "y/**"]
+rules_st = st.lists(st.tuples(st.sampled_from(GLOBS), st.sampled_from(DECISIONS),
+                              st.booleans(), st.integers(0, 2)), max_size=3)
+layer_st = st.tuples(st.sampled_from(DECISIONS), st.sampled_from(DECISIONS), st.booleans(),
+                     rules_st)
+
+
+def random_layer(n: int, spec: tuple[str, str, bool, list[tuple[str, str, bool, int]]]
+                 ) -> str:
+    read, write, overridable, rules = spec
+    text = (f"version: 1\nname: l{n}\ndefaults: {{read: {read}, write: {write}, "
+            f"overridable: {str(overridable).lower()}}}\nrules:\n")
+    for i, (glob, decision, over, prio) in enumerate(rules):
+        text += (f"  - {{id: r{n}-{i}, paths: ['{glob}'], ops: ['*'], decision: {decision},"
+                 f" overridable: {str(over).lower()}, priority: {prio}}}\n")
+    return text if rules else text.replace("rules:\n", "")
+
+
+ORIGINS = ["organisation", "project", "user", "session"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(layer_st, min_size=1, max_size=4), st.sampled_from(["x/a", "y/b", "z/a"]),
+       st.sampled_from(["open_read", "unlink"]))
+def test_combination_properties(specs: list[tuple[str, str, bool, list[tuple[str, str,
+                                                                               bool, int]]]],
+                                path: str, op: str) -> None:
+    texts = [(ORIGINS[i], random_layer(i, spec)) for i, spec in enumerate(specs)]
+    engine = stack(*texts)
+    got = engine.decide(op, path)
+    alone = [stack(t).decide(op, path) for t in texts]
+    # the answer is one layer's own answer, and explain agrees with decide
+    assert (got.decision, got.rule) in {(a.decision, a.rule) for a in alone}
+    assert got.origin in ORIGINS[:len(specs)]
+    explained = engine.explain(op, path)
+    assert (explained.decision, explained.rule, explained.origin) == (
+        got.decision, got.rule, got.origin)
+    # nothing marked overridable: the strictest answer of all layers decides
+    if not any(over for _, _, over, rules in specs) and not any(
+            r[2] for _, _, _, rules in specs for r in rules):
+        assert STRENGTH[got.decision] == max(STRENGTH[a.decision] for a in alone)
+    # a layer below can only loosen an answer its upper layer marked overridable: so
+    # unless the top layer's own answer was relaxable, the result is at least as strict
+    top = alone[0]
+    top_rule = next((r for r in engine.layers[0].policy.rules if r.id == top.rule), None)
+    relaxable = top_rule.overridable if top_rule else engine.layers[0].policy.defaults.overridable
+    if not relaxable:
+        assert STRENGTH[got.decision] >= STRENGTH[top.decision]
+    # a bottom layer of defaults only never loosens anything
+    extra = stack(*texts, ("session2", layer_text("tail", defaults="read: allow, write: allow"
+                                                   ))).decide(op, path)
+    assert STRENGTH[extra.decision] >= STRENGTH[got.decision]
