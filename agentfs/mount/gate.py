@@ -27,6 +27,15 @@ class Gate:
     def restricts(self, pid: int, op: str) -> bool:
         return self.guard is not None and op in self.guard.restricted(pid)
 
+    def restricts_path(self, pid: int, op: str, path: str) -> bool:
+        """Could *op* on *path* be anything but allowed?  False skips the whole check
+        (caller, decision, audit note): a path no restricting rule's glob matches
+        under allowing defaults is allowed, and an allowed stat is not audited."""
+        if self.guard is None:
+            return False
+        engine = self.guard.engine_for(pid)
+        return op in engine.restricted and engine.restricts(path)
+
     def begin(self, pid: int, uid: int, op: str, path: str, verdict: Verdict,
               dst: str = "") -> Verdict:
         """Note who asks what (for the trash and the audit) before the request runs."""

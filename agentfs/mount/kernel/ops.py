@@ -393,7 +393,7 @@ class KernelOperations:
         if name == "..":
             parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
             return self._new(unique, parent, ov.getattr(parent))
-        if self.gate.restricts(pid, "stat"):
+        if self.gate.restricts_path(pid, "stat", path):
             return self._go(self.gate.check(pid, uid, (("stat", path),)), path, unique, pid,
                             lambda: self._lookup(unique, path))
         return self._lookup(unique, path)
@@ -423,8 +423,8 @@ class KernelOperations:
 
     def getattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
         ov = self.ov
-        if self.gate.restricts(pid, "stat") and ov.inodes.has_path(nodeid):
-            path = ov.inodes.path(nodeid)
+        if (self.gate.restricts(pid, "stat") and ov.inodes.has_path(nodeid)
+                and self.gate.restricts_path(pid, "stat", path := ov.inodes.path(nodeid))):
             return self._go(self.gate.check(pid, uid, (("stat", path),)), path, unique, pid,
                             lambda: self._attr(unique, ov.getattr_ino(nodeid)))
         return self._attr(unique, ov.getattr_ino(nodeid))
