@@ -426,6 +426,9 @@ def test_combination_properties(specs: list[tuple[str, str, bool, list[tuple[str
     explained = engine.explain(op, path)
     assert (explained.decision, explained.rule, explained.origin) == (
         got.decision, got.rule, got.origin)
+    # the hot path's pre-check never calls a restricted request allowed
+    if not engine.may_restrict(op, path):
+        assert got.decision == "allow"
     # nothing marked overridable: the strictest answer of all layers decides
     if not any(over for _, _, over, rules in specs) and not any(
             r[2] for _, _, _, rules in specs for r in rules):
@@ -441,3 +444,12 @@ def test_combination_properties(specs: list[tuple[str, str, bool, list[tuple[str
     extra = stack(*texts, ("session2", layer_text("tail", defaults="read: allow, write: allow"
                                                    ))).decide(op, path)
     assert STRENGTH[extra.decision] >= STRENGTH[got.decision]
+
+
+def test_the_pre_check_counts_rules_that_depend_on_the_caller() -> None:
+    text = ("version: 1\ndefaults: {read: allow, write: allow}\nrules:\n"
+            "  - {id: not-make, paths: ['x/**'], ops: [stat], decision: deny,"
+            " who: {exe: ['!/usr/bin/make']}}\n")
+    engine = stack(("session", text))
+    assert engine.may_restrict("stat", "x/a") and not engine.may_restrict("stat", "y/a")
+    assert not engine.may_restrict("unlink", "x/a")  # no rule restricts unlink

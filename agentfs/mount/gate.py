@@ -33,8 +33,7 @@ class Gate:
         under allowing defaults is allowed, and an allowed stat is not audited."""
         if self.guard is None:
             return False
-        engine = self.guard.engine_for(pid)
-        return op in engine.restricted and engine.restricts(path)
+        return self.guard.engine_for(pid).may_restrict(op, path)
 
     def begin(self, pid: int, uid: int, op: str, path: str, verdict: Verdict,
               dst: str = "") -> Verdict:

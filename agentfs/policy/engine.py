@@ -72,6 +72,7 @@ class PolicyEngine:
         self.layers = layers
         self.policy = summarize(layers)
         self._cache.clear()
+        self._may: dict[tuple[str, str], bool] = {}
         self._per_op: list[dict[str, RuleIndex]] = [{} for _ in layers]
         restricted: set[str] = set()
         for layer in layers:
@@ -94,6 +95,41 @@ class PolicyEngine:
     def restricts(self, path: str) -> bool:
         """Could any operation on *path* get something other than allow?"""
         return self.defaults_restrict or bool(self._restricting.fullmatch(normalize(path)))
+
+    def may_restrict(self, op: str, path: str) -> bool:
+        """Could *op* on *path* get something other than allow, for any caller?  The
+        hot path's pre-check: False means allowed without resolving the caller.  Asks
+        each layer's rule index (a few candidate rules, not one regex of all of them)."""
+        if op not in self.restricted:
+            return False
+        key = (op, path)
+        hit = self._may.get(key)
+        if hit is not None:
+            return hit
+        norm = normalize(path)
+        found = False
+        for i, layer in enumerate(self.layers):
+            d = layer.policy.defaults
+            if (d.read if op in READ_OPS else d.write) != "allow":
+                found = True
+                break
+            index = self._index(i, op)
+            if any(index.rules[j].decision != "allow"
+                   and index.rules[j].path_regex.fullmatch(norm)
+                   for j in index.candidates(norm)):
+                found = True
+                break
+        if len(self._may) >= _CACHE_LIMIT:
+            self._may.clear()
+        self._may[key] = found
+        return found
+
+    def _index(self, i: int, op: str) -> RuleIndex:
+        index = self._per_op[i].get(op)
+        if index is None:
+            index = self._per_op[i][op] = RuleIndex([r for r in self.layers[i].policy.rules
+                                                     if op in r.ops])
+        return index
 
     def may_restrict_below(self, directory: str) -> bool:
         """Could a non-allow rule (or default) apply to something below *directory*?"""
@@ -151,9 +187,7 @@ class PolicyEngine:
         p = layer.policy
         prefix = f"[{layer.origin}] " if len(self.layers) > 1 else ""
         if trace is None:
-            index = self._per_op[i].get(op)
-            if index is None:
-                index = self._per_op[i][op] = RuleIndex([r for r in p.rules if op in r.ops])
+            index = self._index(i, op)
             for j in index.candidates(norm):
                 rule = index.rules[j]
                 if rule.path_regex.fullmatch(norm) and (not rule.who
