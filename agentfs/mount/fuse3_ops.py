@@ -189,7 +189,7 @@ class AgentfsOperations(pyfuse3.Operations):
         if name == b"..":
             parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
             return self._new(parent, self.ov.getattr(parent))
-        if self._restricts(ctx, "stat"):
+        if self.gate.restricts_path(_pid(ctx), "stat", path):
             await self._check(ctx, ("stat", path))
         try:
             return self._entry(self.ov.lookup(path), local_parent)
@@ -213,8 +213,10 @@ class AgentfsOperations(pyfuse3.Operations):
     @_boundary
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
         local = self.space.local(inode)
-        if self._restricts(ctx, "stat") and self.ov.inodes.has_path(local):
-            await self._check(ctx, ("stat", self.ov.inodes.path(local)))
+        if (self._restricts(ctx, "stat") and self.ov.inodes.has_path(local)
+                and self.gate.restricts_path(_pid(ctx), "stat",
+                                             path := self.ov.inodes.path(local))):
+            await self._check(ctx, ("stat", path))
         return self._entry(self.ov.getattr_ino(local))
 
     @_boundary

@@ -164,7 +164,7 @@ class MfuseOperations(mfusepy.Operations):
             if hidden is not None:
                 return _stat_dict(self.ov.getattr_ino(hidden))
         rel = _rel(path)
-        if self._restricts("stat"):
+        if self.gate.restricts_path(_caller()[0], "stat", rel):
             self._check(("stat", rel))
         with self.engine_lock:
             return _stat_dict(self.ov.getattr(rel))
