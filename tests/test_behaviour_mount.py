@@ -10,15 +10,20 @@ from pathlib import Path
 import pytest
 from behaviour_cases import CASES, Case, run_case
 from fsfacade import OsFacade
-from mountutil import IMPLS, mounted_branch
+from mountutil import IMPLS, cli_env, mounted_branch
 from treehash import tree_fingerprint
 
 pytestmark = pytest.mark.mount
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, "kernel-warm"])
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_case_on_mount(case: type[Case], impl: str, world_dir: Path) -> None:
+    """kernel-warm: the kernel front end with its LOOKUP warmer on (AGENTFS_FUSE_WARM=1,
+    off by default), so that code path is held to the same cases."""
+    env = cli_env(world_dir / "home")
+    if impl == "kernel-warm":
+        impl, env["AGENTFS_FUSE_WARM"] = "kernel", "1"
     with ExitStack() as stack:
         seen: list[tuple[str, dict[str, tuple[object, ...]]]] = []
 
@@ -27,7 +32,7 @@ def test_case_on_mount(case: type[Case], impl: str, world_dir: Path) -> None:
             base.mkdir(mode=0o755)
             setup_base(str(base))
             seen.append((str(base), tree_fingerprint(str(base))))
-            mb = stack.enter_context(mounted_branch(base, world_dir, impl=impl))
+            mb = stack.enter_context(mounted_branch(base, world_dir, impl=impl, env=env))
             os.chmod(mb.mountpoint, 0o755)
             return OsFacade(str(mb.mountpoint))
 
