@@ -62,3 +62,27 @@ def raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> bool:
         return False
     log.debug("readahead of %s (%s) set to %d KiB", mountpoint, device, kib)
     return True
+
+
+M_ARENA_MAX: Final = -8   # glibc mallopt parameter (malloc.h)
+MALLOC_ARENAS: Final = 2
+
+
+def limit_malloc_arenas() -> None:
+    """glibc gives every thread that allocates its own malloc arena (up to 8 per
+    core); with the request loop on 8 threads each arena keeps its own free memory,
+    which made the daemon 13 MB larger after a 100,000-file walk than on one thread
+    (bench.store rss: 160 against 147 MB).  Two arenas are plenty for threads that
+    mostly wait on the engine lock.  A no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        if libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS) != 1:
+            log.debug("mallopt(M_ARENA_MAX) refused")
+    except (OSError, AttributeError):
+        log.debug("no mallopt here")

@@ -20,7 +20,7 @@ from agentfs.mount.background import Background
 from agentfs.mount.daemon import Daemon, MountConfig, open_daemon, raise_fd_limit
 from agentfs.mount.kernel.ops import KernelOperations
 from agentfs.mount.kernel.session import MountError, Session
-from agentfs.mount.tuning import raise_readahead
+from agentfs.mount.tuning import limit_malloc_arenas, raise_readahead
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def serve_kernel(config: MountConfig, ready: Callable[[str | None], None]) -> in
     # before any thread exists (the audit writer starts with the daemon): every thread
     # inherits the mask, so only the waiting thread below ever takes these signals
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    limit_malloc_arenas()  # before the request threads start allocating
     opened = open_daemon(config, ready)
     if opened is None:
         return 1

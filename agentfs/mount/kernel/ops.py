@@ -39,7 +39,7 @@ from agentfs.errors import FsError
 from agentfs.mount.boundary import errno_for
 from agentfs.mount.gate import Gate
 from agentfs.mount.kernel import proto as p
-from agentfs.mount.kernel.session import Session
+from agentfs.mount.kernel.session import RequestBuffer, Session
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.hostio import join, split
@@ -121,9 +121,9 @@ def _kill_suid(mode: int) -> int | None:
     return mode & ~drop & 0o7777 if mode & drop else None
 
 
-def _cstr(buf: bytearray, start: int, n: int) -> str:
+def _cstr(buf: RequestBuffer, start: int, n: int) -> str:
     """The NUL-terminated string at *start* in a request of *n* bytes in *buf*."""
-    end = buf.find(0, start, n)
+    end = buf.find(b"\0", start, n)
     return buf[start:n if end < 0 else end].decode("utf-8", "surrogateescape")
 
 
@@ -138,7 +138,7 @@ class KernelOperations:
         self.engine_lock = threading.RLock()
         self.timeout = int(cache_timeout)
         self.session: Session | None = None
-        self.buf = bytearray()
+        self.buf: RequestBuffer = bytearray()
         self.mv = memoryview(self.buf)
         self._dirs: dict[int, Listing] = {}
         self._xattr_names: dict[int, frozenset[bytes]] = {}
@@ -241,12 +241,12 @@ class KernelOperations:
             if parent_ino is not None:
                 self.session.notify_inval_entry(parent_ino, os.fsencode(name))
 
-    def _use_buffer(self, buf: bytearray, mv: memoryview) -> None:
+    def _use_buffer(self, buf: RequestBuffer, mv: memoryview) -> None:
         """The next handlers read their request from *buf* (another request thread's)."""
         self.buf = buf
         self.mv = mv
 
-    def _warm_lookup(self, buf: bytearray, n: int, nodeid: int) -> None:
+    def _warm_lookup(self, buf: RequestBuffer, n: int, nodeid: int) -> None:
         """Outside the engine lock: the layer lstats a LOOKUP will make (see session)."""
         self.ov.warm_lookup(nodeid, _cstr(buf, 40, n))
 
@@ -257,8 +257,8 @@ class KernelOperations:
 
     def _two_names(self, start: int, n: int) -> tuple[str, str]:
         buf = self.buf
-        mid = buf.find(0, start, n)
-        end = buf.find(0, mid + 1, n)
+        mid = buf.find(b"\0", start, n)
+        end = buf.find(b"\0", mid + 1, n)
         return (buf[start:mid].decode("utf-8", "surrogateescape"),
                 buf[mid + 1:n if end < 0 else end].decode("utf-8", "surrogateescape"))
 
@@ -779,7 +779,7 @@ class KernelOperations:
     def getxattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
                  ) -> Reply:
         size = p.GETXATTR_IN.unpack_from(self.buf, 40)[0]
-        end = self.buf.find(0, 48, n)
+        end = self.buf.find(b"\0", 48, n)
         raw = bytes(self.buf[48:n if end < 0 else end])
         names = self._xattr_names.get(nodeid)
         if names is None:
@@ -821,7 +821,7 @@ class KernelOperations:
                  ) -> Reply:
         size, flags = p.SETXATTR_IN.unpack_from(self.buf, 40)
         start = 56 if self._setxattr_ext else 48
-        end = self.buf.find(0, start, n)
+        end = self.buf.find(b"\0", start, n)
         name = self.buf[start:end].decode("utf-8", "surrogateescape")
         value = bytes(self.buf[end + 1:end + 1 + size])
         path = self._path(nodeid)
