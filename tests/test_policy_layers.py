@@ -453,3 +453,25 @@ def test_the_pre_check_counts_rules_that_depend_on_the_caller() -> None:
     engine = stack(("session", text))
     assert engine.may_restrict("stat", "x/a") and not engine.may_restrict("stat", "y/a")
     assert not engine.may_restrict("unlink", "x/a")  # no rule restricts unlink
+
+
+def test_include_default_keeps_the_builtin_protections_relaxable(places: dict[str, Path]
+                                                                 ) -> None:
+    """An organisation file with a rule of its own would otherwise drop the built-in
+    secrets protection; `include_default: true` keeps it, above the including layer and
+    relaxable by an explicit rule below."""
+    write(places["org"], layer_text("org", "deny", extra="include_default: true\n"))
+    project = ("version: 1\nname: proj\ndefaults: {read: allow, write: allow}\nrules:\n"
+               "  - {id: tests-env, paths: ['tests/.env'], ops: ['@read'], decision: allow}\n")
+    write(places["base"] / ".agentfs/policy.yaml", project)
+    engine = PolicySource(discover(str(places["base"]), None, env_for(places))).engine
+    assert [layer.origin for layer in engine.layers] == ["builtin", "organisation", "project"]
+    assert engine.decide("open_read", "home/.ssh/id_ed25519").rule == "deny-ssh-gnupg"
+    assert engine.decide("open_read", "src/.env").decision == "deny"
+    relaxed = engine.decide("open_read", "tests/.env")
+    assert (relaxed.decision, relaxed.rule, relaxed.origin) == ("allow", "tests-env", "project")
+    assert engine.decide("open_read", "x/a").rule == "org-rule"  # the org's own rule
+    write(places["org"], layer_text("org", "deny"))
+    plain = PolicySource(discover(str(places["base"]), None, env_for(places))).engine
+    assert [layer.origin for layer in plain.layers] == ["organisation", "project"]
+    assert plain.decide("open_read", "src/.env").decision == "allow"

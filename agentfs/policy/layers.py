@@ -14,8 +14,11 @@ commits it. It is opened without following symlinks (a link planted in the base 
 not pull a policy from elsewhere). Missing organisation, project and user files are
 simply absent layers; a file that exists but cannot be read or parsed is an error
 (failing closed: a broken organisation policy must not silently vanish). When no file
-is found at all, the built-in default policy is the one layer. How the layers' answers
-combine is the engine's business (agentfs/policy/engine.py).
+is found at all, the built-in default policy is the one layer; a file with
+`include_default: true` keeps it: the default goes in as a layer right above the
+(topmost) including one, every rule of it marked overridable, so its protections stay
+unless a rule of a layer below relaxes one explicitly. How the layers' answers combine
+is the engine's business (agentfs/policy/engine.py).
 """
 
 from __future__ import annotations
@@ -153,7 +156,15 @@ def load_layers(specs: tuple[LayerSpec, ...], fallback: Policy) -> tuple[Layer, 
             continue
         policy = parse_policy(text, spec.path)
         layers.append(tag(spec.origin, policy))
-    return tuple(layers) or (tag("builtin", fallback),)
+    if not layers:
+        return (tag("builtin", fallback),)
+    including = [i for i, layer in enumerate(layers) if layer.policy.include_default]
+    if including:
+        relaxable = replace(fallback, rules=tuple(replace(r, overridable=True)
+                                                  for r in fallback.rules),
+                            defaults=replace(fallback.defaults, overridable=True))
+        layers.insert(including[0], tag("builtin", relaxable))
+    return tuple(layers)
 
 
 def tag(origin: str, policy: Policy) -> Layer:

@@ -31,7 +31,7 @@ from agentfs.policy.model import (
 from agentfs.units import parse_duration
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_TOP_KEYS = {"version", "name", "vars", "defaults", "approval", "rules"}
+_TOP_KEYS = {"version", "name", "vars", "defaults", "approval", "rules", "include_default"}
 _RULE_KEYS = {"id", "priority", "paths", "ops", "decision", "message", "who", "overridable"}
 
 
@@ -131,7 +131,9 @@ def parse_policy(text: str, source: str = "<policy>", env: dict[str, str] | None
     return Policy(name=name, source=source, sha256=hashlib.sha256(text.encode()).hexdigest(),
                   defaults=defaults, approval=approval,
                   rules=tuple(sorted(rules, key=lambda r: r.sort_key)), vars=file_vars,
-                  sections=frozenset(k for k in ("approval",) if k in top))
+                  sections=frozenset(k for k in ("approval",) if k in top),
+                  include_default=_flag(ctx, top["include_default"][1], "include_default")
+                  if "include_default" in top else False)
 
 
 def _expand(ctx: _Ctx, node: yaml.Node, value: str, variables: dict[str, str]) -> str:

@@ -107,6 +107,7 @@ class Policy:
     rules: tuple[Rule, ...]
     vars: dict[str, str] = field(default_factory=dict)
     sections: frozenset[str] = frozenset({"approval"})  # optional top sections the file set
+    include_default: bool = False  # a layer: put the built-in default (relaxable) above it
 
 
 @dataclass(frozen=True)
