@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mountutil import cli_env, mounted_branch, run_cli
 
-from agentfs.policy.engine import PolicyEngine, default_policy
+from agentfs.policy.engine import STRENGTH, PolicyEngine, default_policy
 from agentfs.policy.layers import LayerSpec, discover, load_layers, tag
 from agentfs.policy.loader import PolicyError, parse_policy
 from agentfs.policy.source import PolicySource
@@ -71,6 +73,11 @@ PRECEDENCE = [
     ([("organisation", "ask overridable", ALLOW_ALL), ("project", "audit overridable",
                                                        ALLOW_ALL),
       ("session", "allow", ALLOW_ALL)], "allow", "session"),
+    # ...and never below a final answer further up (found by the property test below:
+    # the middle layer's overridable deny relaxed by a rule below the top's final ask)
+    ([("organisation", None, "read: ask, write: ask"),
+      ("project", None, "read: deny, write: deny, overridable: true"),
+      ("user", "allow", ALLOW_ALL)], "ask", "organisation"),
     # equal strength keeps the upper answer
     ([("organisation", "audit", ALLOW_ALL), ("project", "soft_delete", ALLOW_ALL)],
      "audit", "organisation"),
@@ -89,10 +96,10 @@ def test_precedence_table(layers: list[tuple[str, str | None, str]], expect: str
         assert (got.decision, got.origin) == (expect, origin), (op, layers)
         again = engine.explain(op, "x/file")
         assert (again.decision, again.origin) == (expect, origin)
-    # outside x/** only the defaults speak
+    # outside x/** only the defaults speak, and defaults never relax: the strictest
     outside = engine.decide("open_read", "y/file")
-    strongest = max((d for _, _, d in layers), key=lambda d: "ask" in d)
-    assert outside.decision == ("ask" if "ask" in strongest else "allow")
+    reads = [d.split("read: ")[1].split(",")[0] for _, _, d in layers]
+    assert outside.decision == max(reads, key=lambda r: STRENGTH[r])
 
 
 def test_trace_says_why_a_relaxation_was_refused() -> None:
@@ -383,10 +390,7 @@ def test_committing_a_project_policy_change_says_so(tmp_path: Path,
 
 
 # -- properties of the combination, over random stacks ----------------------------------
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
-from agentfs.policy.engine import STRENGTH  # noqa: E402
 
 DECISIONS = ["allow", "deny", "ask", "audit", "soft_delete"]
 GLOBS = ["x/**", "x/a", "**/a", "y/**"]
@@ -433,13 +437,13 @@ def test_combination_properties(specs: list[tuple[str, str, bool, list[tuple[str
     if not any(over for _, _, over, rules in specs) and not any(
             r[2] for _, _, _, rules in specs for r in rules):
         assert STRENGTH[got.decision] == max(STRENGTH[a.decision] for a in alone)
-    # a layer below can only loosen an answer its upper layer marked overridable: so
-    # unless the top layer's own answer was relaxable, the result is at least as strict
-    top = alone[0]
-    top_rule = next((r for r in engine.layers[0].policy.rules if r.id == top.rule), None)
-    relaxable = top_rule.overridable if top_rule else engine.layers[0].policy.defaults.overridable
-    if not relaxable:
-        assert STRENGTH[got.decision] >= STRENGTH[top.decision]
+    # a layer below can only loosen an answer marked overridable: whatever a layer
+    # answered without the mark, the result is at least that strict
+    for layer, own in zip(engine.layers, alone, strict=True):
+        rule = next((r for r in layer.policy.rules if r.id == own.rule), None)
+        final = not (rule.overridable if rule else layer.policy.defaults.overridable)
+        if final:
+            assert STRENGTH[got.decision] >= STRENGTH[own.decision], (layer.origin, own)
     # a bottom layer of defaults only never loosens anything
     extra = stack(*texts, ("session2", layer_text("tail", defaults="read: allow, write: allow"
                                                    ))).decide(op, path)
@@ -471,6 +475,9 @@ def test_include_default_keeps_the_builtin_protections_relaxable(places: dict[st
     relaxed = engine.decide("open_read", "tests/.env")
     assert (relaxed.decision, relaxed.rule, relaxed.origin) == ("allow", "tests-env", "project")
     assert engine.decide("open_read", "x/a").rule == "org-rule"  # the org's own rule
+    shown = run_cli("policy", "show", "--base", str(places["base"]),
+                    env=cli_places(places, places["base"].parent)).stdout
+    assert "builtin       the built-in default (included by a layer file" in shown
     write(places["org"], layer_text("org", "deny"))
     plain = PolicySource(discover(str(places["base"]), None, env_for(places))).engine
     assert [layer.origin for layer in plain.layers] == ["organisation", "project"]

@@ -199,7 +199,9 @@ def _print_layers(label: str, info: dict[str, Any]) -> None:
                  else "not present")
         typer.echo(f"  {spec['origin']:<13} {spec['path']}: {state}")
     if "builtin" in loaded:
-        typer.echo(f"  {'builtin':<13} the built-in default (no layer file found; see "
+        why = ("included by a layer file (include_default: true), every rule "
+               "overridable" if len(loaded) > 1 else "no layer file found")
+        typer.echo(f"  {'builtin':<13} the built-in default ({why}; see "
                    "`agentfs policy default`)")
     if not info.get("looked_for") and "builtin" not in loaded:
         typer.echo(f"  {info['path']}")

@@ -3,10 +3,11 @@ else that layer's defaults; then the layers' answers combined, top layer first.
 
 Combining (deterministic, documented in README "Policy layers"): going down the stack,
 a lower layer's answer replaces the one so far when it is stricter (deny > ask > audit,
-soft_delete > allow), so any layer can add restrictions. It replaces a looser-making
+soft_delete > allow), so any layer can add restrictions. It replaces it with a looser
 answer only when the answer so far came from a rule or defaults marked `overridable`
 and the lower answer comes from a rule of its own (a lower layer's defaults never relax
-anything). Equal strength keeps the upper answer.
+anything), and never below the strictest answer some layer above gave without
+`overridable` (then that answer stands). Equal strength keeps the upper answer.
 
 Decisions are cached per (operation, path, caller) until the policy is replaced, so the
 cost per FUSE request is a dict lookup once a path has been seen.
@@ -159,18 +160,27 @@ class PolicyEngine:
     def _evaluate(self, op: str, norm: str, caller: Caller, trace: list[str] | None
                   ) -> Decision:
         best: _Answer | None = None
+        floor: _Answer | None = None   # the strictest answer a layer gave as final
         for i, layer in enumerate(self.layers):
             answer = self._answer(i, op, norm, caller, trace)
             if best is None:
                 best = answer
-                continue
-            before = best
-            stricter = STRENGTH[answer.decision] > STRENGTH[best.decision]
-            looser = STRENGTH[answer.decision] < STRENGTH[best.decision]
-            if stricter or (looser and best.relaxable and answer.rule is not None):
-                best = answer
-            if trace is not None:
-                trace.append(_combine_note(layer.origin, before, answer, best is answer))
+            else:
+                before = best
+                stricter = STRENGTH[answer.decision] > STRENGTH[best.decision]
+                looser = STRENGTH[answer.decision] < STRENGTH[best.decision]
+                if stricter:
+                    best = answer
+                elif looser and best.relaxable and answer.rule is not None:
+                    # relaxing never goes below what a layer above said as final
+                    best = (floor if floor is not None
+                            and STRENGTH[floor.decision] > STRENGTH[answer.decision]
+                            else answer)
+                if trace is not None:
+                    trace.append(_combine_note(layer.origin, before, answer, best))
+            if not answer.relaxable and (floor is None or STRENGTH[answer.decision]
+                                         > STRENGTH[floor.decision]):
+                floor = answer
         assert best is not None
         p = best.layer.policy
         rule = best.rule
@@ -214,12 +224,16 @@ class PolicyEngine:
         return _Answer(default, None, p.defaults.overridable, layer)
 
 
-def _combine_note(origin: str, before: _Answer, answer: _Answer, taken: bool) -> str:
+def _combine_note(origin: str, before: _Answer, answer: _Answer, best: _Answer) -> str:
     """One trace line: what layer *origin*'s answer did to the answer so far."""
-    if taken:
+    if best is answer:
         verb = ("tightens" if STRENGTH[answer.decision] > STRENGTH[before.decision]
                 else "relaxes")
         return f"[{origin}] {verb} {before.decision} to {answer.decision}"
+    if best is not before:  # a relaxation held at an upper layer's final answer
+        return (f"[{origin}] relaxes {before.decision}, but {answer.decision} is below "
+                f"[{best.layer.origin}]'s {best.decision} (not overridable): "
+                f"{best.decision}")
     if STRENGTH[answer.decision] < STRENGTH[before.decision]:
         why = (f"[{before.layer.origin}] did not mark it overridable" if not before.relaxable
                else "only a rule can relax, not defaults")
