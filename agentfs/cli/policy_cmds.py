@@ -247,9 +247,7 @@ def query(ctx: typer.Context,
         layer = f" from the {reply['layer']} layer" if reply.get("layer") else ""
         typer.echo(f"{reply.get('decision')} (rule {reply.get('rule')}{layer})"
                    + (f": {reply['message']}" if reply.get("message") else ""))
-    if "error" in reply:
-        raise typer.Exit(1)
-    if not reply.get("allow"):
+    if "error" in reply or not reply.get("allow"):
         raise typer.Exit(1)
 
 

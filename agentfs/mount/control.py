@@ -142,10 +142,10 @@ def bind(path: Path) -> socket.socket:
     return listener
 
 
-async def serve(path: Path, handle: Handler, bound: socket.socket | None = None) -> None:
-    """Answer requests until cancelled; *handle(request, peer_pid)* runs on the trio
-    thread (no locking).  *bound*: the socket `bind(path)` made earlier."""
-    listener = trio.socket.from_stdlib_socket(bound if bound is not None else bind(path))
+async def serve(path: Path, handle: Handler, bound: socket.socket) -> None:
+    """Answer requests on *bound* (what `bind(path)` made) until cancelled;
+    *handle(request, peer_pid)* runs on the trio thread (no locking)."""
+    listener = trio.socket.from_stdlib_socket(bound)
 
     async def one(conn: trio.socket.SocketType) -> None:
         with conn:

@@ -17,7 +17,7 @@ import stat
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from agentfs.overlay.hostio import join
+from agentfs.overlay.hostio import join, read_all
 from agentfs.overlay.resolve import Loc, Resolver
 
 ADDED, MODIFIED, DELETED, RENAMED, TYPE_CHANGED = "A", "M", "D", "R", "T"
@@ -102,10 +102,7 @@ class ViewReader:
     def read(self, entry: Entry) -> bytes:
         fd = entry.loc.host.open_quiet(entry.loc.rel, os.O_RDONLY)
         try:
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return read_all(fd)
         finally:
             os.close(fd)
 

@@ -81,6 +81,14 @@ def join(parent: str, name: str) -> str:
     return sys.intern(f"{parent}/{name}" if parent else name)
 
 
+def read_all(fd: int, chunk_size: int = 1 << 20) -> bytes:
+    """Everything left to read from *fd* (which stays open)."""
+    chunks = []
+    while chunk := os.read(fd, chunk_size):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class HostDir:
     """A directory tree on the host, reachable only beneath its root fd."""
 

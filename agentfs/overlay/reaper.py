@@ -58,10 +58,6 @@ class Reaper:
             elif len(self._names) >= BATCH:
                 self._cond.notify()
 
-    def pending(self) -> list[str]:
-        with self._cond:
-            return list(self._names)
-
     def _run(self) -> None:
         with contextlib.suppress(OSError, AttributeError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)

@@ -31,6 +31,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from agentfs.overlay.hostio import read_all
 from agentfs.policy.loader import PolicyError, parse_policy
 from agentfs.policy.model import Layer, Policy
 
@@ -138,10 +139,7 @@ def _read_fd(fd: int) -> bytes:
             raise OSError(errno.EINVAL, "not a regular file")
         if st.st_size > _MAX_BYTES:
             raise OSError(errno.EFBIG, f"larger than {_MAX_BYTES >> 20} MiB")
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_all(fd, 1 << 16)
     finally:
         os.close(fd)
 
