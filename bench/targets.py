@@ -414,6 +414,25 @@ class AgentfsBigPolicyTarget(AgentfsTarget):
         return big_policy(200)
 
 
+class AgentfsEnvTarget(AgentfsTarget):
+    """agentfs pinned with extra environment for its daemon, from $AGENTFS_BENCH_ENV
+    (``NAME=VALUE`` pairs separated by spaces, e.g. ``AGENTFS_FUSE_THREADS=1``): a knob
+    measured side by side with the default, alternating in one run."""
+
+    name = "agentfs-env"
+    description = "agentfs, daemon environment from $AGENTFS_BENCH_ENV"
+    default = False
+
+    def _env(self) -> dict[str, str] | None:
+        env = super()._env()
+        if env is None:
+            return None
+        for pair in os.environ.get("AGENTFS_BENCH_ENV", "").split():
+            key, _, value = pair.partition("=")
+            env[key] = value
+        return env
+
+
 def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
     """Targets in report order: baseline first, the system under test last."""
     return [
@@ -427,6 +446,7 @@ def all_targets(agentfs_executable: Path | None = None) -> list[Target]:
         AgentfsNoAuditTarget(agentfs_executable),
         AgentfsAllowAllTarget(agentfs_executable),
         AgentfsPyfuse3Target(agentfs_executable),
+        AgentfsEnvTarget(agentfs_executable),
     ]
 
 

@@ -16,14 +16,10 @@ from treehash import tree_fingerprint
 pytestmark = pytest.mark.mount
 
 
-@pytest.mark.parametrize("impl", [*IMPLS, "kernel-warm"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_case_on_mount(case: type[Case], impl: str, world_dir: Path) -> None:
-    """kernel-warm: the kernel front end with its LOOKUP warmer on (AGENTFS_FUSE_WARM=1,
-    off by default), so that code path is held to the same cases."""
     env = cli_env(world_dir / "home")
-    if impl == "kernel-warm":
-        impl, env["AGENTFS_FUSE_WARM"] = "kernel", "1"
     with ExitStack() as stack:
         seen: list[tuple[str, dict[str, tuple[object, ...]]]] = []
 

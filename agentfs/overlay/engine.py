@@ -263,31 +263,6 @@ class Overlay:
         self.inodes.remember(attr.ino, path)
         return attr
 
-    def warm_lookup(self, parent_ino: int, name: str) -> None:
-        """Bring *name*'s layer entries into the host's inode cache, without the engine
-        lock, so that lookups from many threads (git's parallel lstat) wait for the disk
-        side by side instead of one after another under the lock.  Best effort and
-        read-only: it only reads shared state (a dict read is atomic) and its answers are
-        thrown away; the real lookup follows under the lock."""
-        paths = self.inodes.paths_or_none(parent_ino)
-        if not paths or name in (".", ".."):
-            return
-        parent = paths[0]
-        listing = self._listings.get(parent)
-        if listing is not None and name not in listing:
-            return
-        path = join(parent, name)
-        resolver = self.resolver
-        if resolver.cached(path):
-            return
-        loc = resolver.cached_loc(parent)
-        if loc is None or not loc.is_dir:
-            return
-        lstat = os.lstat
-        for k, rel in loc.parts:
-            with contextlib.suppress(OSError, ValueError):
-                lstat(join(rel, name), dir_fd=self.layers[k].tree.fd)
-
     def forget(self, ino: int, count: int) -> None:
         if self.inodes.forget(ino, count):
             self._reap(ino)

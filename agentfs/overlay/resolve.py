@@ -80,13 +80,6 @@ class Resolver:
     def invalidate_all(self) -> None:
         self._cache[0].clear()
 
-    def cached(self, path: str) -> bool:
-        """Is *path* resolved in the top view's cache (safe without the engine lock)?"""
-        return path in self._cache[0]
-
-    def cached_loc(self, path: str) -> Loc | None:
-        return self._cache[0].get(path)
-
     def locate(self, path: str, k: int = 0) -> Loc | None:
         cache = self._cache[k]
         try:

@@ -32,7 +32,7 @@ from typing import Any
 from agentfs.branches.locks import hold_branch
 from agentfs.branches.store import Store, mounted_paths
 from agentfs.errors import UserError
-from agentfs.overlay.layers import MARKER, WHITEOUT_MODE
+from agentfs.overlay.layers import MARKER, WHITEOUT_MODE, encode_marker
 from agentfs.proc import running
 
 LOST_FOUND = "lost+found"
@@ -451,7 +451,7 @@ def check_markers(chk: Checker, lid: int, top: Path, is_index: bool) -> None:
                      tuple(stray)) -> str:
                 kept = {k: v for k, v in m.items() if k not in keys}
                 if kept:
-                    os.setxattr(p, MARKER, json.dumps(kept, separators=(",", ":")).encode(),
+                    os.setxattr(p, MARKER, encode_marker(kept).encode(),
                                 follow_symlinks=False)
                 else:
                     os.removexattr(p, MARKER, follow_symlinks=False)

@@ -158,7 +158,6 @@ class KernelOperations:
         session.on_interrupt = self._interrupt
         session.on_init = self._init
         session.bind = self._use_buffer
-        session.warmers[p.LOOKUP] = self._warm_lookup
         t = session.table
         t[p.LOOKUP] = self.lookup
         t[p.FORGET] = self.forget
@@ -245,10 +244,6 @@ class KernelOperations:
         """The next handlers read their request from *buf* (another request thread's)."""
         self.buf = buf
         self.mv = mv
-
-    def _warm_lookup(self, buf: RequestBuffer, n: int, nodeid: int) -> None:
-        """Outside the engine lock: the layer lstats a LOOKUP will make (see session)."""
-        self.ov.warm_lookup(nodeid, _cstr(buf, 40, n))
 
     # -- request helpers -----------------------------------------------------------------------
     def _name(self, start: int, n: int) -> str:
