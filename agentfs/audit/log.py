@@ -137,12 +137,14 @@ class AuditLog:
 
     def emit_request(self, session: str, branch: str, pid: int, exe: str, cmdline: str,
                      uid: int, op: str, path: str, dst: str, decision: str, rule: str,
-                     policy_sha256: str, errno: int, duration_us: int) -> None:
-        """Queue one checked request's event: the row in column order, built without a
-        dict (this runs on the FUSE thread for every request)."""
+                     policy_sha256: str, errno: int, duration_us: int, count: int = 1,
+                     nbytes: int = 0) -> None:
+        """Queue one checked request's event (or a handle's reads or writes: *count*
+        calls, *nbytes* bytes): the row in column order, built without a dict (this runs
+        on the FUSE thread for every request)."""
         self._queue((time.time_ns() // 1000, next(self._seq), self.mount, session, branch,
                      pid, exe, cmdline, uid, op, path, dst, decision, rule, policy_sha256,
-                     errno, 1, 0, duration_us))
+                     errno, count, nbytes, duration_us))
 
     def _queue(self, row: tuple[Any, ...]) -> None:
         """An append to a deque, no lock, no wake-up of the writer (which drains the

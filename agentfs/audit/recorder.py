@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 from agentfs.audit.log import AuditLog
 from agentfs.policy.guard import Verdict
@@ -90,11 +90,13 @@ class Recorder:
             int((time.perf_counter() - pending.started) * 1e6))
 
     def handle_closed(self, io: HandleIO) -> None:
+        if not (io.reads or io.writes):
+            return
         exe, cmdline = self._proc(io.pid)
-        common: dict[str, Any] = dict(session=io.session, branch=self.branch, pid=io.pid,
-                                      exe=exe, cmdline=cmdline, uid=io.uid, path=io.path,
-                                      policy_sha256=io.policy_sha256)
+        emit = self.log.emit_request
         if io.reads:
-            self.log.emit(op="read", count=io.reads, bytes=io.read_bytes, **common)
+            emit(io.session, self.branch, io.pid, exe, cmdline, io.uid, "read", io.path, "",
+                 "allow", "", io.policy_sha256, 0, 0, io.reads, io.read_bytes)
         if io.writes:
-            self.log.emit(op="write", count=io.writes, bytes=io.written, **common)
+            emit(io.session, self.branch, io.pid, exe, cmdline, io.uid, "write", io.path, "",
+                 "allow", "", io.policy_sha256, 0, 0, io.writes, io.written)

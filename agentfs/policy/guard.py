@@ -114,9 +114,10 @@ class Guard:
     def check(self, pid: int, uid: int, checks: Iterable[Check]) -> Verdict:
         """Decide plain (operation, path) checks: the strongest decision wins."""
         engine = self.engine_for(pid)
+        may = engine.may_restrict
         todo = [c for c in checks if c[0] in engine.restricted]
-        if not todo:
-            return ALLOWED
+        if not any(may(op, path) for op, path in todo):
+            return ALLOWED  # no rule could say anything but allow: no caller to resolve
         caller, sid = self._caller(engine, pid, uid)
         return self._decide(engine, caller, sid, pid, todo)
 
@@ -126,8 +127,11 @@ class Guard:
         wanted = [op for op in ops if op in engine.restricted]
         if not wanted:
             return ALLOWED
-        caller, sid = self._caller(engine, pid, uid)
         todo = [(op, name) for name in self._names(path) for op in wanted]
+        may = engine.may_restrict
+        if not any(may(op, name) for op, name in todo):
+            return ALLOWED  # as in `check`: every open of an unprotected file
+        caller, sid = self._caller(engine, pid, uid)
         return self._decide(engine, caller, sid, pid, todo)
 
     def check_rename(self, pid: int, uid: int, src: str, dst: str, exchange: bool
