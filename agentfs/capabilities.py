@@ -8,7 +8,7 @@ missing, what that means for agentfs, and how to fix it.
 A probe returns a `Check`.  `needed_for` names what fails without the piece:
 
     mount                `agentfs mount --branch` (the default front end)
-    mount --per-process  `agentfs mount --per-process` (pyfuse3 on Linux)
+    mount --per-process  `agentfs mount --per-process` (the kernel front end on Linux)
     umount               `agentfs umount` (fusermount3 -u)
     run                  `agentfs run` (root, mount/pid/network namespaces on Linux;
                          FUSE-T and sandbox-exec on macOS)
@@ -271,8 +271,8 @@ def probe_libfuse(pinned: str, per_process: str) -> Check:
     if found is None:
         return Check(name, MISSING, "libfuse3 not found (ldconfig has no libfuse3.so)",
                      "the pyfuse3 and mfusepy front ends cannot load: agentfs mount "
-                     "--per-process and --impl pyfuse3/mfusepy fail (the kernel front end "
-                     "needs no libfuse)",
+                     "--impl pyfuse3/mfusepy fails (the kernel front end needs no "
+                     "libfuse)",
                      "apt-get install libfuse3-3 (Debian/Ubuntu), dnf install fuse3-libs "
                      "(Fedora)", needed, title="libfuse3 is unavailable")
     return Check(name, OK, f"{found[1]} ({found[0]})", needed_for=needed)
@@ -439,7 +439,7 @@ def probes(pinned: str, per_process: str) -> list[Callable[[], Check]]:
         probe_fusermount,
         lambda: probe_libfuse(pinned, per_process),
         lambda: probe_module("pyfuse3", _needs("pyfuse3", pinned, per_process),
-                             "agentfs mount --per-process and --impl pyfuse3 fail",
+                             "agentfs mount --impl pyfuse3 fails",
                              "pip install pyfuse3 (needs libfuse3-dev and pkg-config to "
                              "build)", linux_only=True),
         lambda: probe_module("trio", _needs("trio", pinned, per_process),
@@ -465,7 +465,7 @@ def report() -> Report:
     try:
         pinned, per_process = front_ends()
     except UserError:  # reported by the front-end row; the bindings as by default
-        pinned, per_process = ("kernel", "pyfuse3") if _linux() else ("mfusepy", "mfusepy")
+        pinned, per_process = ("kernel", "kernel") if _linux() else ("mfusepy", "mfusepy")
     return Report(_platform(), (front, *(probe() for probe in probes(pinned, per_process))))
 
 

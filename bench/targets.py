@@ -281,7 +281,7 @@ class AgentfsTarget(Target):
     """
 
     name = "agentfs"
-    description = "agentfs (Python, pyfuse3; built-in default policy)"
+    description = "agentfs (Python, kernel front end; built-in default policy)"
     fuse = True
     branch = "bench"
     policy_text: str | None = None  # None: the built-in default policy

@@ -189,9 +189,10 @@ class PerProcessView:
 
 @contextlib.contextmanager
 def per_process_mount(base: Path, workdir: Path, *mount_opts: str,
-                      branch: str = "b") -> Iterator[PerProcessView]:
+                      branch: str = "b", impl: str = "kernel") -> Iterator[PerProcessView]:
     """A store for *base* with *branch*, mounted per-process at workdir/mnt with
-    *mount_opts* (e.g. --default-branch b, --policy FILE); always unmounted."""
+    *mount_opts* (e.g. --default-branch b, --policy FILE) through front end *impl*;
+    always unmounted."""
     require_fuse()
     env = cli_env(workdir / "home")
     store, mnt = workdir / "store", workdir / "mnt"
@@ -200,7 +201,7 @@ def per_process_mount(base: Path, workdir: Path, *mount_opts: str,
     pid = None
     try:
         out = run_cli("--store", str(store), "mount", str(mnt), "--per-process",
-                      "--impl", "pyfuse3", *mount_opts, env=env).stdout  # the only one
+                      "--impl", impl, *mount_opts, env=env).stdout
         found = re.search(r"pid (\d+)", out)
         assert found is not None, out
         pid = int(found.group(1))

@@ -80,7 +80,7 @@ def test_doctor_on_this_machine(home: Path) -> None:
     assert "fusermount3 version: 3." in found["fusermount3"]
     assert "running as root" in found["root"]
     assert "unshare(CLONE_NEWNS) works" in found["mount namespaces"]
-    assert "kernel (mount --branch), pyfuse3 (mount --per-process)" in found["front end"]
+    assert "kernel (mount --branch), kernel (mount --per-process)" in found["front end"]
     for name in ("FUSE-T", "sandbox-exec"):
         assert "not applicable  macOS only" in found[name]
     assert "consequence:" not in res.stdout  # nothing missing
@@ -112,8 +112,8 @@ def test_doctor_json_has_every_check(home: Path) -> None:
     assert row(report, "user namespaces")["needed_for"] == []  # agentfs does not use them
     assert row(report, "FUSE-T")["status"] == "not applicable"
     assert row(report, "sandbox-exec")["status"] == "not applicable"
-    # the kernel front end is the default: pyfuse3 and trio only serve per-process views
-    assert row(report, "pyfuse3")["needed_for"] == ["mount --per-process"]
+    # the kernel front end is the default for both: pyfuse3 and trio only serve --impl
+    assert row(report, "pyfuse3")["needed_for"] == []
 
 
 def test_doctor_without_fusermount3(home: Path, no_tools: str) -> None:

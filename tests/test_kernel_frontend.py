@@ -100,17 +100,27 @@ def test_sigterm_unmounts(tmp_path: Path) -> None:
         assert "(pinned, kernel)" in logs and "unmounted" in logs
 
 
-def test_per_process_views_are_refused(tmp_path: Path) -> None:
+def test_per_process_views_refused_by_mfusepy(tmp_path: Path) -> None:
     base = tmp_path / "base"
     base.mkdir()
     with per_process_mount(base, tmp_path / "pp", "--default-branch", "b") as pp:
         mnt = tmp_path / "mnt2"
         mnt.mkdir()
         res = run_cli("--store", str(pp.store), "mount", str(mnt), "--per-process",
-                      "--impl", "kernel", env=pp.env, check=False)
+                      "--impl", "mfusepy", env=pp.env, check=False)
         assert res.returncode == 1
-        assert "per-process views need the pyfuse3 front end" in res.stderr
+        assert "per-process views need the kernel or pyfuse3 front end" in res.stderr
         assert not is_mounted(str(mnt))
+
+
+def test_per_process_keeps_the_branch_inode_numbers(tmp_path: Path) -> None:
+    """Node ids are the mount's, st_ino the branch's: a checkout's index matches."""
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    (base / "d" / "f").write_text("x")
+    with per_process_mount(base, tmp_path / "pp", "--default-branch", "b") as pp:
+        for rel in ("d", "d/f"):
+            assert os.lstat(pp.mountpoint / rel).st_ino == os.lstat(base / rel).st_ino
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (writes as another user)")

@@ -20,7 +20,8 @@ PY = sys.executable
 
 
 class PerProcessMount:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, impl: str) -> None:
+        self.impl = impl
         self.base = tmp / "base"
         self.base.mkdir()
         (self.base / "shared.txt").write_text("base\n")
@@ -37,7 +38,8 @@ class PerProcessMount:
         return run_cli("--store", str(self.store), *args, env=self.env, check=check)
 
     def mount(self, *opts: str) -> None:
-        out = self.cli("mount", str(self.mnt), "--per-process", *opts).stdout
+        out = self.cli("mount", str(self.mnt), "--per-process", "--impl", self.impl,
+                       *opts).stdout
         self.pid = int(out.rsplit("pid", 1)[1].strip(" )\n"))
 
     def exec(self, branch: str, script: str, timeout: float = 120
@@ -48,10 +50,11 @@ class PerProcessMount:
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def ppm(tmp_path: Path) -> Iterator[PerProcessMount]:
+@pytest.fixture(params=["kernel", "pyfuse3"])
+def ppm(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PerProcessMount]:
+    """A per-process mount through each front end that has per-process views."""
     require_fuse()
-    m = PerProcessMount(tmp_path)
+    m = PerProcessMount(tmp_path, request.param)
     try:
         yield m
     finally:

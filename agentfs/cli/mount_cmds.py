@@ -37,9 +37,9 @@ def mount(ctx: typer.Context, mountpoint: Path,
                                             help="refuse operations while the audit log "
                                                  "cannot record them"),
           impl: str | None = typer.Option(None, "--impl",
-                                          help="FUSE front end: pyfuse3 (Linux default), "
-                                               "mfusepy (macOS FUSE-T) or kernel (FUSE "
-                                               "spoken directly, pinned only); or "
+                                          help="FUSE front end: kernel (FUSE spoken "
+                                               "directly, the Linux default), pyfuse3, or "
+                                               "mfusepy (macOS FUSE-T, pinned only); or "
                                                "$AGENTFS_FUSE_IMPL"),
           non_interactive: bool = typer.Option(
               False, "--non-interactive",

@@ -30,6 +30,7 @@ from agentfs.errors import UserError
 from agentfs.mount import control, fastloop
 from agentfs.mount.fuse3_ops import AgentfsOperations
 from agentfs.mount.kernel.ops import KernelOperations  # the kernel front end (--impl kernel)
+from agentfs.mount.kernel.perprocess import KernelPerProcess
 from agentfs.mount.mfuse_ops import MfuseOperations
 from agentfs.mount.perprocess import PerProcessOperations
 from agentfs.mount.sessions import SessionTable
@@ -44,6 +45,7 @@ from agentfs.proc import command_line, exe_of, parent_pid, thread_group
 from agentfs.trash.service import Trash
 
 log = logging.getLogger(__name__)
+PER_PROCESS = (PerProcessOperations, KernelPerProcess)  # the routers of per-process mounts
 IMPLS = ("pyfuse3", "mfusepy", "kernel")
 POLICY_POLL = 1.0  # seconds between looks at the policy files' mtimes
 TRASH_PURGE_EVERY = 600.0  # seconds between applications of the trash retention limits
@@ -99,11 +101,11 @@ class Daemon:
         self.audit = (AuditLog(config.store_root, str(config.mountpoint), config.audit_strict)
                       if config.audit else None)
         self.ops: (AgentfsOperations | PerProcessOperations | MfuseOperations
-                   | KernelOperations)
-        if config.impl in ("kernel", "mfusepy"):  # pinned only: one branch view
-            if config.per_process:
-                raise UserError("per-process views need the pyfuse3 front end "
-                                f"(drop --impl {config.impl})")
+                   | KernelOperations | KernelPerProcess)
+        if config.per_process and config.impl == "mfusepy":
+            raise UserError("per-process views need the kernel or pyfuse3 front end "
+                            "(drop --impl mfusepy)")
+        if config.impl in ("kernel", "mfusepy") and not config.per_process:
             assert config.branch is not None
             overlay = open_branch_view(store, config.branch, self.holder)
             front_end = KernelOperations if config.impl == "kernel" else MfuseOperations
@@ -112,9 +114,9 @@ class Daemon:
         elif config.per_process:
             for name in filter(None, [config.default_branch]):
                 store.branch(name)
-            self.ops = PerProcessOperations(store, self.sessions, config.default_branch,
-                                            config.deny_unbound, self._guard, self._recorder,
-                                            self.holder)
+            router = KernelPerProcess if config.impl == "kernel" else PerProcessOperations
+            self.ops = router(store, self.sessions, config.default_branch,
+                              config.deny_unbound, self._guard, self._recorder, self.holder)
             if config.default_branch:  # its lock now: a busy branch is the user's error
                 self.ops.view(config.default_branch)
         else:
@@ -157,7 +159,7 @@ class Daemon:
         return Recorder(self.audit, branch) if self.audit is not None else None
 
     def _views(self) -> list[AgentfsOperations | MfuseOperations | KernelOperations]:
-        if isinstance(self.ops, PerProcessOperations):
+        if isinstance(self.ops, PER_PROCESS):
             return list(self.ops.views.values())
         return [self.ops]
 
@@ -196,7 +198,7 @@ class Daemon:
 
     def _view_of(self, branch: str
                  ) -> AgentfsOperations | MfuseOperations | KernelOperations | None:
-        if isinstance(self.ops, PerProcessOperations):
+        if isinstance(self.ops, PER_PROCESS):
             self.store.branch(branch)
             return self.ops.view(branch)
         return self.ops if branch == self.config.branch else None
@@ -241,7 +243,7 @@ class Daemon:
                                           '"type" (a decision query)'}
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "asks": self.broker.mode.name}
-        if op == "fork" and not isinstance(self.ops, PerProcessOperations):
+        if op == "fork" and not isinstance(self.ops, PER_PROCESS):
             layer = Layer.open_store_layer(int(req["layer_id"]), str(req["layer_dir"]))
             self.ops.ov.push_top(layer)
             log.info("forked: new top layer %s", req["layer_id"])
@@ -286,7 +288,7 @@ class Daemon:
                  "started": s.created, "members": len(s.members)}
                 for s in self.sessions.sessions.values()]}
         if op in ("bind", "unbind"):
-            if not isinstance(self.ops, PerProcessOperations):
+            if not isinstance(self.ops, PER_PROCESS):
                 return {"ok": False, "error": "this mount is pinned to one branch"}
             if self.sessions.session_of(peer_pid) is not None:
                 log.warning("refused %s from pid %s inside a session", op, peer_pid)
@@ -367,7 +369,7 @@ class Daemon:
         self.listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.control_path)  # serve() removes it too; a failed mount did not
-        if isinstance(self.ops, PerProcessOperations):
+        if isinstance(self.ops, PER_PROCESS):
             self.ops.close()
         else:
             self.ops.ov.close()
@@ -404,7 +406,7 @@ def serve(config: MountConfig, ready: Callable[[str | None], None]) -> int:
     store, daemon = opened
     raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel
-    assert not isinstance(daemon.ops, KernelOperations)  # serve_kernel serves those
+    assert not isinstance(daemon.ops, (KernelOperations, KernelPerProcess))  # serve_kernel
     try:
         pyfuse3.init(daemon.ops, config.mountpoint, fuse_options(config.debug))
     except RuntimeError as exc:

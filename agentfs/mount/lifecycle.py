@@ -38,19 +38,19 @@ EXIT_TIMEOUT = 30.0
 IMPLS = ("pyfuse3", "mfusepy", "kernel")  # kernel: FUSE spoken directly (mount/kernel)
 
 
-PINNED_ONLY = ("mfusepy", "kernel")
+PINNED_ONLY = ("mfusepy",)
 
 
 def choose_impl(impl: str | None, per_process: bool = False) -> str:
     """The FUSE binding: as asked, else $AGENTFS_FUSE_IMPL, else on Linux the kernel
     front end (the fastest: a request costs it a quarter of what pyfuse3's trio loop
     costs, and only it lets the kernel cache directory listings) and mfusepy elsewhere
-    (macOS FUSE-T has no low-level API).  Per-process views exist only in pyfuse3, so
-    they take it unless asked otherwise on the command line."""
+    (macOS FUSE-T has no low-level API).  Per-process views need inode-level routing,
+    which mfusepy lacks, so they take the kernel front end (pyfuse3 when asked)."""
     linux = sys.platform.startswith("linux")
     chosen = impl or os.environ.get("AGENTFS_FUSE_IMPL") or ("kernel" if linux else "mfusepy")
     if per_process and not impl and linux and chosen in PINNED_ONLY:
-        chosen = "pyfuse3"
+        chosen = "kernel"
     if chosen not in IMPLS:
         raise UsageError(f"unknown FUSE front end {chosen!r} "
                         f"(choose {', '.join(IMPLS[:-1])} or {IMPLS[-1]})")

@@ -25,7 +25,7 @@ import pyfuse3
 
 from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
-from agentfs.errors import UserError
+from agentfs.errors import FsError, UserError
 from agentfs.mount.fuse3_ops import AgentfsOperations, InodeSpace, _boundary
 from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
@@ -61,7 +61,7 @@ class GlobalInodes:
         try:
             return self._to_local[g]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.ESTALE) from None
+            raise FsError(errno.ESTALE) from None
 
 
 class BranchSpace(InodeSpace):

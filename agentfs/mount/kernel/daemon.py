@@ -19,6 +19,7 @@ from collections.abc import Callable
 from agentfs.mount.background import Background
 from agentfs.mount.daemon import Daemon, MountConfig, open_daemon, raise_fd_limit
 from agentfs.mount.kernel.ops import KernelOperations
+from agentfs.mount.kernel.perprocess import KernelPerProcess
 from agentfs.mount.kernel.session import MountError, Session
 from agentfs.mount.tuning import limit_malloc_arenas, raise_readahead
 
@@ -50,7 +51,7 @@ def serve_kernel(config: MountConfig, ready: Callable[[str | None], None]) -> in
         return 1
     store, daemon = opened
     ops = daemon.ops
-    assert isinstance(ops, KernelOperations)
+    assert isinstance(ops, (KernelOperations, KernelPerProcess))
     raise_fd_limit()
     os.umask(0)  # modes arrive already masked by the kernel (DONT_MASK or not)
     session = Session(config.mountpoint, ops.engine_lock, config.debug)
@@ -69,13 +70,15 @@ def serve_kernel(config: MountConfig, ready: Callable[[str | None], None]) -> in
     session.after_init = tune
     background = Background(daemon, ops.engine_lock)
     try:
-        store.add_mount(config.branch, config.mountpoint, os.getpid(), "pinned",
-                        config.log_path)
+        mode = "per-process" if config.per_process else "pinned"
+        store.add_mount(config.branch or config.default_branch, config.mountpoint,
+                        os.getpid(), mode, config.log_path)
         threading.Thread(target=_take_signals, args=(daemon, session, ops.engine_lock),
                          daemon=True, name="agentfs-signals").start()
         background.thread.start()
         ready(None)
-        log.info("serving %s at %s (pinned, kernel)", config.branch, config.mountpoint)
+        log.info("serving %s at %s (%s, kernel)", config.branch or "per-process views",
+                 config.mountpoint, mode)
         session.serve()
     finally:
         ops.shutdown()

@@ -12,7 +12,8 @@ continuation that a thread of its own runs once the answer (or the timeout, or a
 interrupt: FUSE_INTERRUPT or a signal pending on the asking thread) is in; that thread
 takes the engine lock, finishes the request and writes its reply.
 
-Kernel caching (pinned mode only): the daemon is the only writer of the branch, so
+Kernel caching: the daemon is the only writer of the branch (of each view's, per
+process: there the shared root, the names under it and its listing are not cached), so
 entries, attributes and negative lookups are cached for CACHE_TIMEOUT, file pages are
 kept across opens (FOPEN_KEEP_CACHE), the writeback cache is on, and directory
 listings are cached by the kernel (FOPEN_CACHE_DIR): changes made through the mount
@@ -43,6 +44,7 @@ from agentfs.mount.kernel.session import RequestBuffer, Session
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
 from agentfs.overlay.hostio import join, split
+from agentfs.overlay.inodes import ROOT_INO
 from agentfs.policy.approvals import ApprovalBroker, Ticket
 from agentfs.policy.guard import ALLOWED, Guard, Verdict, open_ops
 from agentfs.proc import interrupted
@@ -50,6 +52,7 @@ from agentfs.proc import interrupted
 log = logging.getLogger(__name__)
 
 CACHE_TIMEOUT: Final = 300    # seconds, as the pyfuse3 front end (fuse3_ops.CACHE_TIMEOUT)
+SHARED_ROOT_ATTR_TIMEOUT: Final = 1  # per-process: as fuse3_ops.SHARED_ROOT_ATTR_TIMEOUT
 POLL: Final = 0.05            # how often a waiting request looks for a pending signal
 NS: Final = 1_000_000_000
 M32: Final = 0xFFFFFFFF
@@ -127,22 +130,39 @@ def _cstr(buf: RequestBuffer, start: int, n: int) -> str:
     return buf[start:n if end < 0 else end].decode("utf-8", "surrogateescape")
 
 
+def _same(ino: int) -> int:
+    return ino
+
+
 class KernelOperations:
-    """One pinned branch view behind the kernel protocol."""
+    """One branch view behind the kernel protocol: the whole mount (pinned), or one
+    of the views of a per-process mount (see kernel/perprocess.py).
+
+    A view of a per-process mount is given *export* and *local* (its inode numbers to
+    the kernel's node ids and back: nodes of all views share one number space, while
+    st_ino stays the branch's own, so `git status` finds the numbers its index holds),
+    *dir_handles* (where its directory handle numbers start: handles of the shared root
+    must say whose they are), *shared_root* (the root and the names right under it
+    mean another branch for another caller: never cached) and the mount's *lock*."""
 
     def __init__(self, overlay: Overlay, guard: Guard | None = None,
-                 recorder: Recorder | None = None, cache_timeout: int = CACHE_TIMEOUT) -> None:
+                 recorder: Recorder | None = None, cache_timeout: int = CACHE_TIMEOUT,
+                 export: Callable[[int], int] = _same, local: Callable[[int], int] = _same,
+                 dir_handles: int = 1, shared_root: bool = False,
+                 lock: threading.RLock | None = None) -> None:
         self.ov = overlay
         self.guard = guard
         self.gate = Gate(overlay, guard, recorder)
-        self.engine_lock = threading.RLock()
+        self.engine_lock = lock or threading.RLock()
         self.timeout = int(cache_timeout)
+        self.export, self.local = export, local
+        self.shared_root = shared_root
         self.session: Session | None = None
         self.buf: RequestBuffer = bytearray()
         self.mv = memoryview(self.buf)
         self._dirs: dict[int, Listing] = {}
         self._xattr_names: dict[int, frozenset[bytes]] = {}
-        self._next_dir = 1
+        self._next_dir = dir_handles
         self._waiting: dict[int, _Waiter] = {}
         self._threads: set[threading.Thread] = set()
         self._setxattr_ext = False
@@ -152,45 +172,58 @@ class KernelOperations:
     # -- wiring ----------------------------------------------------------------------------
     def attach(self, session: Session) -> None:
         """Serve *session*'s requests: fill its dispatch table."""
+        self.join(session)
+        session.on_interrupt = self.interrupt
+        session.on_init = self.init_flags
+        session.bind = self.use_buffer
+        self.handlers(session.table)
+
+    def join(self, session: Session) -> None:
+        """Reply and notify through *session* (a per-process mount's router dispatches)."""
         self.session = session
         self.buf = session.buf
         self.mv = memoryview(session.buf)
-        session.on_interrupt = self._interrupt
-        session.on_init = self._init
-        session.bind = self._use_buffer
-        t = session.table
-        t[p.LOOKUP] = self.lookup
-        t[p.FORGET] = self.forget
-        t[p.BATCH_FORGET] = self.batch_forget
-        t[p.GETATTR] = self.getattr
-        t[p.SETATTR] = self.setattr
-        t[p.READLINK] = self.readlink
-        t[p.SYMLINK] = self.symlink
-        t[p.MKNOD] = self.mknod
-        t[p.MKDIR] = self.mkdir
-        t[p.UNLINK] = self.unlink
-        t[p.RMDIR] = self.rmdir
-        t[p.RENAME] = self.rename
-        t[p.RENAME2] = self.rename2
-        t[p.LINK] = self.link
-        t[p.OPEN] = self.open
-        t[p.READ] = self.read
-        t[p.WRITE] = self.write
-        t[p.STATFS] = self.statfs
-        t[p.RELEASE] = self.release
-        t[p.FSYNC] = self.fsync
-        t[p.SETXATTR] = self.setxattr
-        t[p.GETXATTR] = self.getxattr
-        t[p.LISTXATTR] = self.listxattr
-        t[p.REMOVEXATTR] = self.removexattr
-        t[p.OPENDIR] = self.opendir
-        t[p.READDIR] = self.readdir
-        t[p.READDIRPLUS] = self.readdirplus
-        t[p.RELEASEDIR] = self.releasedir
-        t[p.ACCESS] = self.access
-        t[p.CREATE] = self.create
-        t[p.FALLOCATE] = self.fallocate
-        t[p.COPY_FILE_RANGE] = self.copy_file_range
+
+    # opcode -> handler method
+    HANDLERS: Final[dict[int, str]] = {
+        p.LOOKUP: "lookup",
+        p.FORGET: "forget",
+        p.BATCH_FORGET: "batch_forget",
+        p.GETATTR: "getattr",
+        p.SETATTR: "setattr",
+        p.READLINK: "readlink",
+        p.SYMLINK: "symlink",
+        p.MKNOD: "mknod",
+        p.MKDIR: "mkdir",
+        p.UNLINK: "unlink",
+        p.RMDIR: "rmdir",
+        p.RENAME: "rename",
+        p.RENAME2: "rename2",
+        p.LINK: "link",
+        p.OPEN: "open",
+        p.READ: "read",
+        p.WRITE: "write",
+        p.STATFS: "statfs",
+        p.RELEASE: "release",
+        p.FSYNC: "fsync",
+        p.SETXATTR: "setxattr",
+        p.GETXATTR: "getxattr",
+        p.LISTXATTR: "listxattr",
+        p.REMOVEXATTR: "removexattr",
+        p.OPENDIR: "opendir",
+        p.READDIR: "readdir",
+        p.READDIRPLUS: "readdirplus",
+        p.RELEASEDIR: "releasedir",
+        p.ACCESS: "access",
+        p.CREATE: "create",
+        p.FALLOCATE: "fallocate",
+        p.COPY_FILE_RANGE: "copy_file_range",
+    }
+
+    def handlers(self, t: list[Any]) -> None:
+        """This view's handler of each opcode, into table *t*."""
+        for opcode, name in self.HANDLERS.items():
+            t[opcode] = getattr(self, name)
         # FLUSH and FSYNCDIR are answered ENOSYS: both did nothing here (data goes
         # straight to the host file, directory changes are durable renames/creates), and
         # after one ENOSYS the kernel stops sending them: a round trip less per close.
@@ -199,7 +232,8 @@ class KernelOperations:
         # pages back before asking, so with the writeback cache the host file's holes
         # would be wrong; the kernel's fallback (all data up to the size) is right.
 
-    def _init(self, flags: int) -> None:
+    def init_flags(self, flags: int) -> None:
+        """What INIT agreed on (this view may be made after it)."""
         self._setxattr_ext = bool(flags & p.SETXATTR_EXT)
         self._killpriv_v2 = bool(flags & p.HANDLE_KILLPRIV_V2)
 
@@ -222,8 +256,8 @@ class KernelOperations:
         parent, name = split(path)
         for ino, node in self.ov.inodes.nodes.items():
             if parent in node.paths:
-                self.session.notify_inval_entry(ino, os.fsencode(name))
-                self.session.notify_inval_inode(ino)
+                self.session.notify_inval_entry(self.export(ino), os.fsencode(name))
+                self.session.notify_inval_inode(self.export(ino))
                 return
 
     def drop_kernel_entries(self) -> None:
@@ -238,9 +272,9 @@ class KernelOperations:
             parent, name = split(path)
             parent_ino = by_path.get(parent)
             if parent_ino is not None:
-                self.session.notify_inval_entry(parent_ino, os.fsencode(name))
+                self.session.notify_inval_entry(self.export(parent_ino), os.fsencode(name))
 
-    def _use_buffer(self, buf: RequestBuffer, mv: memoryview) -> None:
+    def use_buffer(self, buf: RequestBuffer, mv: memoryview) -> None:
         """The next handlers read their request from *buf* (another request thread's)."""
         self.buf = buf
         self.mv = mv
@@ -260,32 +294,38 @@ class KernelOperations:
     def _path(self, nodeid: int) -> str:
         return self.ov.inodes.path(nodeid)
 
-    def _entry(self, unique: int, a: Attr) -> bytes:
-        t = self.timeout
+    def _entry_timeout(self, path: str) -> int:
+        """No caching of the shared root's own entry and of the names right under it."""
+        return 0 if self.shared_root and "/" not in path else self.timeout
+
+    def _entry(self, unique: int, a: Attr, path: str) -> bytes:
+        t = self._entry_timeout(path)
         asec, ans = divmod(a.atime_ns, NS)
         msec, mns = divmod(a.mtime_ns, NS)
         csec, cns = divmod(a.ctime_ns, NS)
-        return p.ENTRY_OUT.pack(144, 0, unique, a.ino, self.ov.inodes.generation(a.ino), t, t,
-                                0, 0, a.ino, a.size,
+        return p.ENTRY_OUT.pack(144, 0, unique, self.export(a.ino),
+                                self.ov.inodes.generation(a.ino), t, t, 0, 0, a.ino, a.size,
                                 a.blocks, asec, msec, csec, ans, mns, cns, a.mode, a.nlink,
                                 a.uid, a.gid, a.rdev & M32, a.blksize, 0)
 
-    def _negative(self, unique: int) -> bytes:
-        return p.ENTRY_OUT.pack(144, 0, unique, 0, 0, self.timeout, 0, 0, 0, 0, 0, 0, 0, 0,
+    def _negative(self, unique: int, path: str) -> bytes:
+        return p.ENTRY_OUT.pack(144, 0, unique, 0, 0, self._entry_timeout(path), 0, 0, 0, 0,
+                                0, 0, 0, 0,
                                 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     def _attr(self, unique: int, a: Attr) -> bytes:
         asec, ans = divmod(a.atime_ns, NS)
         msec, mns = divmod(a.mtime_ns, NS)
         csec, cns = divmod(a.ctime_ns, NS)
-        return p.ATTR_OUT.pack(120, 0, unique, self.timeout, 0, 0, a.ino, a.size, a.blocks,
+        t = SHARED_ROOT_ATTR_TIMEOUT if self.shared_root and a.ino == ROOT_INO else self.timeout
+        return p.ATTR_OUT.pack(120, 0, unique, t, 0, 0, a.ino, a.size, a.blocks,
                                asec, msec, csec, ans, mns, cns, a.mode, a.nlink, a.uid, a.gid,
                                a.rdev & M32, a.blksize, 0)
 
     def _new(self, unique: int, path: str, attr: Attr) -> bytes:
         """A new object's entry: the kernel now holds a reference to it."""
         self.ov.inodes.remember(attr.ino, path)
-        return self._entry(unique, attr)
+        return self._entry(unique, attr, path)
 
     @staticmethod
     def _ok(unique: int) -> bytes:
@@ -370,7 +410,7 @@ class KernelOperations:
                         broker.leave(ticket, "timeout")
                 return
 
-    def _interrupt(self, unique: int) -> None:
+    def interrupt(self, unique: int) -> None:
         """FUSE_INTERRUPT: the asking thread got a signal; only a waiting request can
         be cut short (everything else is answered before the next request is read)."""
         waiter = self._waiting.get(unique)
@@ -383,7 +423,7 @@ class KernelOperations:
         name = self._name(40, n)
         ov = self.ov
         if name == ".":
-            return self._entry(unique, ov.getattr_ino(nodeid))
+            return self._entry(unique, ov.getattr_ino(nodeid), ov.inodes.path(nodeid))
         path = join(ov.inodes.path(nodeid), name)
         if name == "..":
             parent = path.rsplit("/", 2)[0] if path.count("/") >= 2 else ""
@@ -395,15 +435,16 @@ class KernelOperations:
 
     def _lookup(self, unique: int, path: str) -> bytes:
         attr = self.ov.lookup_or_none(path)
-        return self._negative(unique) if attr is None else self._entry(unique, attr)
+        return (self._negative(unique, path) if attr is None
+                else self._entry(unique, attr, path))
 
-    def _forget_one(self, nodeid: int, count: int) -> None:
+    def forget_node(self, nodeid: int, count: int) -> None:
         self.ov.forget(nodeid, count)
         if not self.ov.inodes.referenced(nodeid):
             self._xattr_names.pop(nodeid, None)
 
     def forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
-        self._forget_one(nodeid, p.FORGET_IN.unpack_from(self.buf, 40)[0])
+        self.forget_node(nodeid, p.FORGET_IN.unpack_from(self.buf, 40)[0])
         return None
 
     def batch_forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
@@ -411,7 +452,7 @@ class KernelOperations:
         count = p.BATCH_FORGET_IN.unpack_from(self.buf, 40)[0]
         for ino, nlookup in p.FORGET_ONE.iter_unpack(self.mv[48:48 + 16 * count]):
             try:
-                self._forget_one(ino, nlookup)
+                self.forget_node(ino, nlookup)
             except Exception:
                 log.exception("forget of inode %d", ino)
         return None
@@ -494,7 +535,7 @@ class KernelOperations:
                         lambda: self._new(unique, path, self.ov.mkdir(path, mode, uid, gid)))
 
     def link(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
-        old = p.LINK_IN.unpack_from(self.buf, 40)[0]
+        old = self.local(p.LINK_IN.unpack_from(self.buf, 40)[0])
         dst = join(self._path(nodeid), self._name(48, n))
         src = self._path(old)
 
@@ -526,12 +567,13 @@ class KernelOperations:
                         then)
 
     def rename(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
-        newdir = p.RENAME_IN.unpack_from(self.buf, 40)[0]
+        newdir = self.local(p.RENAME_IN.unpack_from(self.buf, 40)[0])
         return self._rename(unique, nodeid, newdir, 0, *self._two_names(48, n), uid, pid)
 
     def rename2(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
         newdir, flags, _ = p.RENAME2_IN.unpack_from(self.buf, 40)
-        return self._rename(unique, nodeid, newdir, flags, *self._two_names(56, n), uid, pid)
+        return self._rename(unique, nodeid, self.local(newdir), flags,
+                            *self._two_names(56, n), uid, pid)
 
     def _rename(self, unique: int, olddir: int, newdir: int, flags: int, old: str, new: str,
                 uid: int, pid: int) -> Reply:
@@ -575,7 +617,7 @@ class KernelOperations:
         if killed is not None:
             self.ov.setattr(None, mode=killed, fh=fh)
             if self.session is not None:
-                self.session.drop_attributes_now(nodeid)
+                self.session.drop_attributes_now(self.export(nodeid))
 
     def create(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
         flags, mode, _, _ = p.CREATE_IN.unpack_from(self.buf, 40)
@@ -586,11 +628,12 @@ class KernelOperations:
             self.gate.opened(fh, path, pid, uid)
             gen = self.ov.inodes.remember(a.ino, path)
             self._remember_xattrs(a.ino, fh)
-            t = self.timeout
+            t = self._entry_timeout(path)
             asec, ans = divmod(a.atime_ns, NS)
             msec, mns = divmod(a.mtime_ns, NS)
             csec, cns = divmod(a.ctime_ns, NS)
-            return p.CREATE_OUT.pack(160, 0, unique, a.ino, gen, t, t, 0, 0, a.ino, a.size,
+            return p.CREATE_OUT.pack(160, 0, unique, self.export(a.ino), gen, t, t, 0, 0,
+                                     a.ino, a.size,
                                      a.blocks, asec, msec, csec, ans, mns, cns, a.mode,
                                      a.nlink, a.uid, a.gid, a.rdev & M32, a.blksize, 0, fh,
                                      p.FOPEN_KEEP_CACHE, 0)
@@ -646,10 +689,11 @@ class KernelOperations:
 
     def copy_file_range(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
                         ) -> Reply:
-        fh_in, off_in, _, fh_out, off_out, length, flags = \
+        fh_in, off_in, node_out, fh_out, off_out, length, flags = \
             p.COPY_FILE_RANGE_IN.unpack_from(self.buf, 40)
         if flags:
             raise FsError(errno.EINVAL)
+        self.local(node_out)  # EXDEV when it is another view's: the kernel copies itself
         source = self.ov.handles.get(fh_in)
         if source is None:
             raise FsError(errno.EBADF)
@@ -670,7 +714,9 @@ class KernelOperations:
             fh = self._next_dir
             self._next_dir += 1
             self._dirs[fh] = Listing(nodeid, path)
-            return p.OPEN_OUT.pack(32, 0, unique, fh, DIR_OPEN_FLAGS, 0)
+            # the shared root's listing is another one for another branch: not cached
+            flags = 0 if self.shared_root and nodeid == ROOT_INO else DIR_OPEN_FLAGS
+            return p.OPEN_OUT.pack(32, 0, unique, fh, flags, 0)
 
         return self._go(self.gate.check(pid, uid, (("readdir", path),)), path, unique, pid,
                         then)
@@ -723,7 +769,8 @@ class KernelOperations:
         remember = ov.inodes.remember
         pack = p.DIRENTPLUS.pack
         pad = p.PADDING
-        t = self.timeout
+        t = self._entry_timeout(join(path, "x"))  # the same for every entry here
+        export = self.export
         parts = [b""]
         room = size
         for i in range(start, len(names)):
@@ -743,7 +790,8 @@ class KernelOperations:
             msec, mns = divmod(a.mtime_ns, NS)
             csec, cns = divmod(a.ctime_ns, NS)
             gen = remember(a.ino, child)  # the kernel counts a lookup for every entry
-            parts.append(pack(a.ino, gen, t, t, 0, 0, a.ino, a.size, a.blocks, asec, msec, csec,
+            parts.append(pack(export(a.ino), gen, t, t, 0, 0, a.ino, a.size, a.blocks, asec,
+                              msec, csec,
                               ans, mns, cns, a.mode, a.nlink, a.uid, a.gid, a.rdev & M32,
                               a.blksize, 0, a.ino, cookies[i], len(raw), (a.mode >> 12) & 0xF)
                          + raw + pad[padded - length])
