@@ -75,14 +75,14 @@ class BranchSpace(InodeSpace):
         return ROOT_INO if exported == ROOT_INO else self.table.owner(exported)[1]
 
 
-class PerProcessOperations(pyfuse3.Operations):
-    enable_writeback_cache = False
+class BranchViews:
+    """What the per-process routers of both front ends share: the branches' views by
+    slot, opened on first use, and which branch a caller sees."""
 
     def __init__(self, store: Store, sessions: SessionTable, default_branch: str | None,
                  deny_unbound: bool, make_guard: GuardFactory | None = None,
                  make_recorder: Callable[[str], Recorder | None] | None = None,
                  holder: str | None = None) -> None:
-        super().__init__()
         self.holder = holder
         self.make_guard = make_guard
         self.make_recorder = make_recorder
@@ -91,6 +91,40 @@ class PerProcessOperations(pyfuse3.Operations):
         self.default_branch = default_branch
         self.deny_unbound = deny_unbound
         self.inodes = GlobalInodes()
+
+    def open_parts(self, branch: str) -> tuple[Overlay, Guard | None, Recorder | None]:
+        """A new view's overlay, policy guard and audit recorder."""
+        overlay = open_branch_view(self.store, branch, self.holder)
+        guard = self.make_guard(overlay, branch) if self.make_guard else None
+        recorder = self.make_recorder(branch) if self.make_recorder else None
+        log.info("opened branch %s for per-process mount", branch)
+        return overlay, guard, recorder
+
+    def caller_branch(self, pid: int) -> str:
+        """The branch process *pid* sees (EACCES: unbound, and none for unbound)."""
+        session = self.sessions.session_of(pid)
+        if session is not None:
+            return session.branch
+        if self.deny_unbound or self.default_branch is None:
+            raise FsError(errno.EACCES)
+        return self.default_branch
+
+    def busy(self, branch: str, exc: UserError) -> FsError:
+        """Another daemon (or a commit) holds the branch a caller needs: EBUSY."""
+        log.warning("cannot serve branch %s: %s", branch, exc)
+        return FsError(errno.EBUSY)
+
+
+class PerProcessOperations(BranchViews, pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, store: Store, sessions: SessionTable, default_branch: str | None,
+                 deny_unbound: bool, make_guard: GuardFactory | None = None,
+                 make_recorder: Callable[[str], Recorder | None] | None = None,
+                 holder: str | None = None) -> None:
+        BranchViews.__init__(self, store, sessions, default_branch, deny_unbound,
+                             make_guard, make_recorder, holder)
+        pyfuse3.Operations.__init__(self)
         self.views: dict[str, AgentfsOperations] = {}
         self._slots: list[AgentfsOperations] = []
         self._fhs: dict[int, tuple[AgentfsOperations, int]] = {}
@@ -101,38 +135,26 @@ class PerProcessOperations(pyfuse3.Operations):
         ops = self.views.get(branch)
         if ops is None:
             slot = len(self._slots)
-            overlay = open_branch_view(self.store, branch, self.holder)
-            guard = self.make_guard(overlay, branch) if self.make_guard else None
-            recorder = self.make_recorder(branch) if self.make_recorder else None
+            overlay, guard, recorder = self.open_parts(branch)
             ops = AgentfsOperations(overlay, space=BranchSpace(self.inodes, slot),
                                     shared_root=True, guard=guard, recorder=recorder)
             self.views[branch] = ops
             self._slots.append(ops)
-            log.info("opened branch %s for per-process mount", branch)
         return ops
-
-    def branch_of_caller(self, ctx: Any) -> str:
-        session = self.sessions.session_of(ctx.pid) if ctx is not None else None
-        if session is not None:
-            return session.branch
-        if self.deny_unbound or self.default_branch is None:
-            raise pyfuse3.FUSEError(errno.EACCES)
-        return self.default_branch
 
     def by_inode(self, inode: int, ctx: Any) -> AgentfsOperations:
         if inode == ROOT_INO:
-            branch = self.branch_of_caller(ctx)
+            branch = self.caller_branch(ctx.pid if ctx is not None else 0)
             try:
                 return self.view(branch)
-            except UserError as exc:  # another daemon (or a commit) holds the branch
-                log.warning("cannot serve branch %s: %s", branch, exc)
-                raise pyfuse3.FUSEError(errno.EBUSY) from None
+            except UserError as exc:
+                raise self.busy(branch, exc) from None
         ops = self._slots[self.inodes.owner(inode)[0]]
-        if ctx is not None and ctx.pid > 0 and self.views.get(self.branch_of_caller(ctx)) \
+        if ctx is not None and ctx.pid > 0 and self.views.get(self.caller_branch(ctx.pid)) \
                 is not ops:
             # a way into another branch's tree that does not start at the root: the
             # cwd, root or fds of a process in another session (/proc/<pid>/cwd/...)
-            raise pyfuse3.FUSEError(errno.EACCES)
+            raise FsError(errno.EACCES)
         return ops
 
     def same(self, a: int, b: int, ctx: Any) -> AgentfsOperations:
@@ -277,7 +299,7 @@ class PerProcessOperations(pyfuse3.Operations):
     # -- misc -------------------------------------------------------------------------
     @_boundary
     async def statfs(self, ctx: Any) -> Any:
-        return await self.view(self.branch_of_caller(ctx)).statfs(ctx)
+        return await self.view(self.caller_branch(ctx.pid if ctx is not None else 0)).statfs(ctx)
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:

@@ -28,12 +28,12 @@ from agentfs.errors import FsError, UserError
 from agentfs.mount.kernel import proto as p
 from agentfs.mount.kernel.ops import KernelOperations
 from agentfs.mount.kernel.session import Handler, RequestBuffer, Session
-from agentfs.mount.perprocess import GlobalInodes, GuardFactory
+from agentfs.mount.perprocess import BranchViews, GuardFactory
 from agentfs.mount.sessions import SessionTable
-from agentfs.mount.view import open_branch_view
 from agentfs.overlay.inodes import ROOT_INO
 
 log = logging.getLogger(__name__)
+
 
 SLOT_SHIFT: Final = 40  # a directory handle's view: fh >> SLOT_SHIFT
 # requests on an open handle (it stays on the branch it was opened in, whoever uses it
@@ -44,24 +44,19 @@ UNCHECKED: Final = frozenset({p.FORGET, p.BATCH_FORGET, p.READ, p.WRITE, p.FSYNC
 DIR_HANDLE_OPS: Final = frozenset({p.READDIR, p.READDIRPLUS, p.RELEASEDIR})
 
 
-class KernelPerProcess:
+class KernelPerProcess(BranchViews):
     """The router in front of the branch views of a per-process kernel mount."""
 
     def __init__(self, store: Store, sessions: SessionTable, default_branch: str | None,
                  deny_unbound: bool, make_guard: GuardFactory | None = None,
                  make_recorder: Callable[[str], Recorder | None] | None = None,
                  holder: str | None = None) -> None:
-        self.store = store
-        self.sessions = sessions
-        self.default_branch = default_branch
-        self.deny_unbound = deny_unbound
-        self.make_guard = make_guard
-        self.make_recorder = make_recorder
-        self.holder = holder
+        super().__init__(store, sessions, default_branch, deny_unbound, make_guard,
+                         make_recorder, holder)
         self.engine_lock = threading.RLock()  # one engine lock for every view
-        self.inodes = GlobalInodes()
         self.views: dict[str, KernelOperations] = {}
         self._slots: list[KernelOperations] = []
+        self._slot_of: dict[str, int] = {}
         self._tables: list[list[Handler | None]] = []
         self.session: Session | None = None
         self.buf: RequestBuffer = bytearray()
@@ -74,9 +69,7 @@ class KernelPerProcess:
         if ops is not None:
             return ops
         slot = len(self._slots)
-        overlay = open_branch_view(self.store, branch, self.holder)
-        guard = self.make_guard(overlay, branch) if self.make_guard else None
-        recorder = self.make_recorder(branch) if self.make_recorder else None
+        overlay, guard, recorder = self.open_parts(branch)
         table = self.inodes
 
         def export(local: int) -> int:
@@ -103,26 +96,20 @@ class KernelPerProcess:
             ops.use_buffer(self.buf, self.mv)
         self._slots.append(ops)
         self._tables.append(handlers)
+        self._slot_of[branch] = slot
         self.views[branch] = ops
-        log.info("opened branch %s for the per-process mount", branch)
         return ops
 
     def _caller_slot(self, pid: int) -> int:
-        session = self.sessions.session_of(pid)
-        if session is not None:
-            branch = session.branch
-        elif self.deny_unbound or self.default_branch is None:
-            raise FsError(errno.EACCES)
-        else:
-            branch = self.default_branch
-        ops = self.views.get(branch)
-        if ops is None:
+        branch = self.caller_branch(pid)
+        slot = self._slot_of.get(branch)
+        if slot is None:
             try:
-                ops = self.view(branch)
-            except UserError as exc:  # another daemon (or a commit) holds the branch
-                log.warning("cannot serve branch %s: %s", branch, exc)
-                raise FsError(errno.EBUSY) from None
-        return self._slots.index(ops)
+                self.view(branch)
+            except UserError as exc:
+                raise self.busy(branch, exc) from None
+            slot = self._slot_of[branch]
+        return slot
 
     def _route(self, opcode: int, nodeid: int, pid: int) -> tuple[int, int]:
         """(view slot, the view's own node) for a request."""
