@@ -26,7 +26,7 @@ import pyfuse3
 from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
 from agentfs.errors import FsError, UserError
-from agentfs.mount.fuse3_ops import AgentfsOperations, InodeSpace, _boundary
+from agentfs.mount.fuse3_ops import AgentfsOperations, InodeSpace, _boundary, _pid
 from agentfs.mount.sessions import SessionTable
 from agentfs.mount.view import open_branch_view
 from agentfs.overlay.engine import Overlay
@@ -144,14 +144,14 @@ class PerProcessOperations(BranchViews, pyfuse3.Operations):
 
     def by_inode(self, inode: int, ctx: Any) -> AgentfsOperations:
         if inode == ROOT_INO:
-            branch = self.caller_branch(ctx.pid if ctx is not None else 0)
+            branch = self.caller_branch(_pid(ctx))
             try:
                 return self.view(branch)
             except UserError as exc:
                 raise self.busy(branch, exc) from None
         ops = self._slots[self.inodes.owner(inode)[0]]
-        if ctx is not None and ctx.pid > 0 and self.views.get(self.caller_branch(ctx.pid)) \
-                is not ops:
+        pid = _pid(ctx)
+        if pid > 0 and self.views.get(self.caller_branch(pid)) is not ops:
             # a way into another branch's tree that does not start at the root: the
             # cwd, root or fds of a process in another session (/proc/<pid>/cwd/...)
             raise FsError(errno.EACCES)
@@ -299,7 +299,7 @@ class PerProcessOperations(BranchViews, pyfuse3.Operations):
     # -- misc -------------------------------------------------------------------------
     @_boundary
     async def statfs(self, ctx: Any) -> Any:
-        return await self.view(self.caller_branch(ctx.pid if ctx is not None else 0)).statfs(ctx)
+        return await self.view(self.caller_branch(_pid(ctx))).statfs(ctx)
 
     @_boundary
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:

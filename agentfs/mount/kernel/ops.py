@@ -310,8 +310,7 @@ class KernelOperations:
 
     def _negative(self, unique: int, path: str) -> bytes:
         return p.ENTRY_OUT.pack(144, 0, unique, 0, 0, self._entry_timeout(path), 0, 0, 0, 0,
-                                0, 0, 0, 0,
-                                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+                                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     def _attr(self, unique: int, a: Attr) -> bytes:
         asec, ans = divmod(a.atime_ns, NS)
@@ -769,7 +768,7 @@ class KernelOperations:
         remember = ov.inodes.remember
         pack = p.DIRENTPLUS.pack
         pad = p.PADDING
-        t = self._entry_timeout(join(path, "x"))  # the same for every entry here
+        t = 0 if self.shared_root and not path else self.timeout  # see _entry_timeout
         export = self.export
         parts = [b""]
         room = size

@@ -114,7 +114,8 @@ class KernelPerProcess(BranchViews):
     def _route(self, opcode: int, nodeid: int, pid: int) -> tuple[int, int]:
         """(view slot, the view's own node) for a request."""
         if nodeid == ROOT_INO:
-            if opcode in DIR_HANDLE_OPS:  # the handle says whose listing it is
+            if opcode in DIR_HANDLE_OPS:  # the handle (first in READ_IN and RELEASE_IN)
+                # says whose listing it is
                 slot = p.RELEASE_IN.unpack_from(self.buf, 40)[0] >> SLOT_SHIFT
                 if slot < len(self._slots):
                     return slot, ROOT_INO

@@ -97,7 +97,6 @@ QUICK: Final = tuple(op in {p.LOOKUP, p.FORGET, p.BATCH_FORGET, p.GETATTR, p.REA
                             p.OPENDIR, p.READDIR, p.READDIRPLUS, p.RELEASEDIR, p.ACCESS,
                             p.GETXATTR, p.LISTXATTR, p.STATFS, p.INTERRUPT}
                      for op in range(p.MAX_OPCODE))
-NOT_QUICK: Final = (False,) * p.MAX_OPCODE
 BURST: Final = 32  # AGENTFS_FUSE_BURST overrides
 
 Handler = Callable[[int, int, int, int, int, int], "bytes | list[Any] | None"]
@@ -344,8 +343,7 @@ class Session:
         err = p.OUT_HEADER.pack
         no_reply = p.NO_REPLY
         limit = p.MAX_OPCODE
-        token, burst = self._reader, _burst()
-        quick = QUICK if burst else NOT_QUICK
+        token, burst, quick = self._reader, _burst(), QUICK  # burst 0: never in turn
         held = False
         try:
             while True:
