@@ -110,6 +110,7 @@ class Overlay:
         for entry in self.work.listdir(""):
             self.work.remove_tree(entry.name)
         self.work.mkdir(_ORPHANS, 0o700)
+        self._shared_whiteout: str | None = None  # see _link_whiteout
         self._reapers.append(Reaper(self.work.dirfd(_ORPHANS)))
 
     def _discard(self, host: HostDir, rel: str) -> None:
@@ -127,6 +128,7 @@ class Overlay:
         """Release every handle and host fd (the view is unusable afterwards)."""
         for fh in list(self.handles):
             self.release(fh)
+        self._drop_shared_whiteout()
         for reaper in self._reapers:
             reaper.close()
         for layer in self.layers:
@@ -446,6 +448,7 @@ class Overlay:
         writing = {h.ino for h in self.handles.values() if self._writable(h) and h.on_top}
         for h in self.handles.values():
             h.on_top = False
+        self._drop_shared_whiteout()
         self.layers = [new_top, *self.layers]
         self.top, self.tree = new_top, new_top.tree
         assert new_top.work is not None
@@ -483,14 +486,43 @@ class Overlay:
         self.top.set_meta(loc.host, loc.rel, meta)
 
     # ------------------------------------------------------------- whiteouts
-    def _make_whiteout(self, stamp: list[Any] | None = None) -> str:
+    def _link_whiteout(self, host: HostDir, rel: str) -> None:
+        """Name the work area's shared whiteout inode at *host*/*rel*.  One inode for
+        every whiteout (like kernel overlayfs): a link costs a twentieth of making a
+        file, which was most of an unlink.  A new one is made for the first
+        whiteout after the work area was cleared and when the last is full (EMLINK)."""
+        for _ in range(2):
+            if self._shared_whiteout is None:
+                name = f"whiteout.{copyup.temp_name()}"
+                fd = self.work.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)  # mode 0
+                try:
+                    self.top.set_meta_fd(fd, os.fstat(fd), {"wh": 1})
+                finally:
+                    os.close(fd)
+                self._shared_whiteout = name
+            try:
+                self.work.link_to(self._shared_whiteout, host, rel)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EMLINK:
+                    raise
+                self._shared_whiteout = None
+        raise FsError(errno.EMLINK)
+
+    def _drop_shared_whiteout(self) -> None:
+        """Its name in work/ goes with the view (the whiteouts keep the inode), so a
+        stopped view leaves nothing there for fsck to find."""
+        if self._shared_whiteout is not None:
+            with contextlib.suppress(OSError):
+                self.work.unlink(self._shared_whiteout)
+            self._shared_whiteout = None
+
+    def _make_whiteout(self, path: str, stamp: list[Any] | None) -> str:
+        """A whiteout for *path* in work/, to be renamed into place; *stamp*: what
+        commit must find in the base at *path* (see `agentfs.overlay.stamps`)."""
+        self.top.record_stamp(path, stamp)
         tmp = copyup.temp_name()
-        fd = self.work.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)  # mode 0
-        try:
-            self.top.set_meta_fd(fd, os.fstat(fd), {"wh": 1, "bst": stamp} if stamp
-                                 else {"wh": 1})
-        finally:
-            os.close(fd)
+        self._link_whiteout(self.work, tmp)
         return tmp
 
     def _remove_from_top(self, path: str, whiteout: bool, ino: int,
@@ -498,10 +530,12 @@ class Overlay:
         """Take *path* out of the top tree, leaving a whiteout if lower content exists."""
         st = self.tree.try_lstat(path)
         if whiteout:
-            tmp = self._make_whiteout(stamp)
-            if st is None:
-                self.work.rename_to(tmp, self.tree, path, dirs=False)
-            elif stat.S_ISDIR(st.st_mode):  # only whiteouts inside: nothing to keep
+            if st is None:  # the common case (a lower object): straight into place
+                self.top.record_stamp(path, stamp)
+                self._link_whiteout(self.tree, path)
+                return
+            tmp = self._make_whiteout(path, stamp)
+            if stat.S_ISDIR(st.st_mode):  # only whiteouts inside: nothing to keep
                 self.work.rename_to(tmp, self.tree, path, RENAME_EXCHANGE)
                 self._drop_dir(self.work, tmp, st, ino)
             else:
@@ -595,7 +629,7 @@ class Overlay:
         else:
             tmp = copyup.temp_name()
             make(self.work, tmp)
-            stamp = self.top.meta(self.tree, path, wh).get("bst") if wh is not None else None
+            stamp = self.top.whiteout_stamp(path, wh) if wh is not None else None
             if stamp:  # the new object replaces that base object: keep commit's evidence
                 meta = {**(meta or {}), "bst": stamp}
             tst = self.work.lstat(tmp)
@@ -870,7 +904,7 @@ class Overlay:
         dst_st = self.tree.try_lstat(dst)
         if dst_st is not None and dloc is None and self.top.is_whiteout(dst, dst_st):
             # the name was deleted earlier: what the base had there is on the whiteout
-            replaced_stamp = self.top.meta(self.tree, dst, dst_st).get("bst") or replaced_stamp
+            replaced_stamp = self.top.whiteout_stamp(dst, dst_st) or replaced_stamp
         if dst_st is not None:
             if stat.S_ISDIR(dst_st.st_mode):
                 self._drop_dir(self.tree, dst, dst_st, replaced_ino)  # only whiteouts inside
@@ -895,7 +929,7 @@ class Overlay:
                 meta = self.top.meta(self.tree, dst, mst)
                 self.top.set_meta(self.tree, dst, {**meta, "rst": replaced_stamp})
         if self.resolver.lower_exists(src):
-            self.work.rename_to(self._make_whiteout(stamp), self.tree, src)
+            self.work.rename_to(self._make_whiteout(src, stamp), self.tree, src)
         self._moved(src, dst, False, inos)
 
     def _prepare_move(self, path: str, loc: Loc) -> None:

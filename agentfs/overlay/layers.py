@@ -1,16 +1,19 @@
 """Layers: the base directory and the store's copy-on-write layer directories.
 
-A store layer is a directory with three children on one filesystem:
+A store layer is a directory with these children on one filesystem:
 
 * ``tree/``  a mirror of the paths changed in the layer (real files and dirs);
 * ``index/`` copies of hard-linked lower files, named by their overlay inode, so
   every name of a hard-linked file sees the one copied-up inode;
 * ``work/``  staging for copy-up and whiteouts (renamed into ``tree`` when
   complete, so a crash never exposes a half-written object) and orphans
-  (unlinked files that are still open).
+  (unlinked files that are still open);
+* ``stamps`` the commit evidence of the layer's whiteouts (`agentfs.overlay.stamps`).
 
 What a plain directory cannot say is kept in one xattr per object, ``user.agentfs``
-(JSON): ``wh`` (a whiteout: an empty mode-000 file that hides lower names),
+(JSON): ``wh`` (a whiteout: an empty mode-000 file that hides lower names; the
+whiteouts of a work area are names of one inode, their commit evidence is in the
+layer's ``stamps`` log, see `agentfs.overlay.stamps`),
 ``opaque`` (a directory that hides everything below it), ``redirect`` (a renamed
 directory whose lower content lives at another path), ``origin`` (the overlay
 inode the object was copied up from) and ``lower_only`` (index entries: names of
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from agentfs.overlay.hostio import HostDir
+from agentfs.overlay.stamps import StampLog
 
 MARKER: Final = "user.agentfs"
 WHITEOUT_MODE: Final = stat.S_IFREG  # a regular file with no permission bits
@@ -59,6 +63,7 @@ class Layer:
     is_base: bool
     index: HostDir | None = None
     work: HostDir | None = None
+    stamps: StampLog | None = None  # the whiteouts' commit evidence (store layers)
     # overlay ino -> index file name, for the (rare) hard-linked copy-ups
     indexed: set[int] = field(default_factory=set)
     _meta: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -85,7 +90,8 @@ class Layer:
             os.makedirs(os.path.join(path, sub), mode=0o755, exist_ok=True)
         index = HostDir(os.path.join(path, "index"))
         layer = cls(layer_id=layer_id, tree=HostDir(os.path.join(path, "tree")), is_base=False,
-                    index=index, work=HostDir(os.path.join(path, "work")))
+                    index=index, work=HostDir(os.path.join(path, "work")),
+                    stamps=StampLog(os.path.join(path, "stamps")))
         layer.indexed = {int(e.name) for e in index.listdir("") if e.name.isdigit()}
         return layer
 
@@ -93,6 +99,8 @@ class Layer:
         for host in (self.tree, self.index, self.work):
             if host is not None:
                 host.close()
+        if self.stamps is not None:
+            self.stamps.close()
 
     # -- markers -------------------------------------------------------
     def meta(self, host: HostDir, rel: str, st: os.stat_result) -> dict[str, Any]:
@@ -126,6 +134,19 @@ class Layer:
 
     def drop_meta(self, host_ino: int) -> None:
         self._meta.pop(host_ino, None)
+
+    def whiteout_stamp(self, rel: str, st: os.stat_result) -> list[Any] | None:
+        """The commit evidence of the whiteout at tree *rel* (*st*: its lstat): on its
+        own marker (whiteouts made before they shared an inode) or in the stamp log."""
+        stamp = self.meta(self.tree, rel, st).get("bst")
+        if stamp is None and self.stamps is not None:
+            stamp = self.stamps.get(stamp_path(rel))
+        return stamp
+
+    def record_stamp(self, rel: str, stamp: list[Any] | None) -> None:
+        """Keep *stamp* for the whiteout about to be made at tree *rel*."""
+        assert self.stamps is not None
+        self.stamps.record(stamp_path(rel), stamp)
 
     def is_whiteout(self, rel: str, st: os.stat_result) -> bool:
         if self.is_base or st.st_mode != WHITEOUT_MODE or st.st_size != 0:

@@ -138,7 +138,7 @@ def _whiteout_stamp(branch: Resolver, path: str) -> list[Any] | None:
     if found is None:
         return None
     host, rel = found
-    stamp = _layer_of(branch.layers, host).meta(host, rel, host.lstat(rel)).get("bst")
+    stamp = _layer_of(branch.layers, host).whiteout_stamp(rel, host.lstat(rel))
     return (list(stamp) if stamp and len(stamp) == 3 and stamp[2] == stamp_path(path)
             else None)
 
