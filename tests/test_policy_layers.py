@@ -482,3 +482,30 @@ def test_include_default_keeps_the_builtin_protections_relaxable(places: dict[st
     plain = PolicySource(discover(str(places["base"]), None, env_for(places))).engine
     assert [layer.origin for layer in plain.layers] == ["organisation", "project"]
     assert plain.decide("open_read", "src/.env").decision == "allow"
+
+
+_SEGMENTS = ["src", "a.py", ".ssh", "id_rsa", "x.pem", "k.key", ".env", ".env.local", ".aws",
+             "credentials", ".config", "gcloud", "vault3", "private-3", "f.secret1", "..",
+             ".", "", "build3", "docs5", "n.md", "cacert.pem", "v.pem.bak"]
+_BIG_POLICY = (
+    "version: 1\ndefaults: {read: allow, write: allow}\nrules:\n"
+    "  - {id: v, paths: ['vault3/**', '**/private-3/**'], ops: ['*'], decision: deny}\n"
+    "  - {id: s, paths: ['**/*.secret1'], ops: ['@read'], decision: deny}\n"
+    "  - {id: b, paths: ['build3/**'], ops: ['@destructive'], decision: deny,"
+    " who: {exe: ['!/usr/bin/make']}}\n"
+    "  - {id: d, paths: ['docs5/**/*.md'], ops: ['@write'], decision: allow}\n"
+    "  - {id: w, paths: ['**/w?ld/*'], ops: ['stat'], decision: audit}\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_SEGMENTS), min_size=1, max_size=5),
+       st.sampled_from(["stat", "open_read", "unlink", "rename", "read"]),
+       st.booleans())
+def test_the_pre_check_by_last_segment_agrees_with_the_whole_path(
+        segs: list[str], op: str, big: bool) -> None:
+    """may_restrict looks only at a path's last segment once its directory is known to
+    be quiet: that shortcut must answer as the check of the whole path does."""
+    engine = (stack(("project", _BIG_POLICY), ("user", layer_text("u"))) if big
+              else PolicyEngine(default_policy()))
+    path = "/".join(segs)
+    assert engine.may_restrict(op, path) == engine._may_restrict(op, path), path

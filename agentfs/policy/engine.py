@@ -74,6 +74,7 @@ class PolicyEngine:
         self.policy = summarize(layers)
         self._cache.clear()
         self._may: dict[tuple[str, str], bool] = {}
+        self._quiet: dict[tuple[str, str], bool] = {}  # see _quiet_below
         self._per_op: list[dict[str, RuleIndex]] = [{} for _ in layers]
         restricted: set[str] = set()
         for layer in layers:
@@ -107,6 +108,40 @@ class PolicyEngine:
         hit = self._may.get(key)
         if hit is not None:
             return hit
+        parent, _, name = path.rpartition("/")
+        if name not in ("", ".", "..") and self._quiet_below(op, parent) and not any(
+                self._index(i, op).restricts_segment(name) for i in range(len(self.layers))):
+            found = False  # a lookup's usual case: only its own name had to be looked at
+        else:
+            found = self._may_restrict(op, path)
+        if len(self._may) >= _CACHE_LIMIT:
+            self._may.clear()
+        self._may[key] = found
+        return found
+
+    def _quiet_below(self, op: str, directory: str) -> bool:
+        """Is *op* allowed by every layer's defaults and can no non-allow rule be a
+        candidate for a path in *directory* unless that path's own name makes it one?
+        Cached per directory, so a path costs one look at its last segment."""
+        key = (op, directory)
+        hit = self._quiet.get(key)
+        if hit is not None:
+            return hit
+        segs = normalize(directory).split("/")
+        quiet = True
+        for i, layer in enumerate(self.layers):
+            d = layer.policy.defaults
+            index = self._index(i, op)
+            if ((d.read if op in READ_OPS else d.write) != "allow" or index.strict_always
+                    or any(index.restricts_segment(seg) for seg in segs)):
+                quiet = False
+                break
+        if len(self._quiet) >= _CACHE_LIMIT:
+            self._quiet.clear()
+        self._quiet[key] = quiet
+        return quiet
+
+    def _may_restrict(self, op: str, path: str) -> bool:
         norm = normalize(path)
         found = False
         for i, layer in enumerate(self.layers):
@@ -120,9 +155,6 @@ class PolicyEngine:
                    for j in index.candidates(norm)):
                 found = True
                 break
-        if len(self._may) >= _CACHE_LIMIT:
-            self._may.clear()
-        self._may[key] = found
         return found
 
     def _index(self, i: int, op: str) -> RuleIndex:

@@ -48,6 +48,25 @@ class RuleIndex:
             for kind, value in {k for k in keys if k is not None}:
                 (self._segs if kind == "seg" else self._exts).setdefault(value, []).append(i)
         self._always = sorted(always)
+        # the keys of rules that can give something other than allow, for
+        # `restricts_segment` (allow rules never make a pre-check say "maybe")
+        strict = {i for i, rule in enumerate(rules) if rule.decision != "allow"}
+        self.strict_always = bool(strict & always)
+        self._strict_segs = frozenset(k for k, v in self._segs.items() if strict & set(v))
+        self._strict_exts = frozenset(k for k, v in self._exts.items() if strict & set(v))
+
+    def restricts_segment(self, seg: str) -> bool:
+        """Could a non-allow rule filed under a key be a candidate because of this one
+        path segment?  (Rules filed under no key: `strict_always`.)"""
+        if seg in self._strict_segs:
+            return True
+        if self._strict_exts:
+            dot = seg.find(".")
+            while dot >= 0:
+                if seg[dot:] in self._strict_exts:
+                    return True
+                dot = seg.find(".", dot + 1)
+        return False
 
     def candidates(self, path: str) -> list[int]:
         """Positions (in priority order) of the rules that might match *path*."""
