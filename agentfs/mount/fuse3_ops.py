@@ -93,7 +93,7 @@ class AgentfsOperations(pyfuse3.Operations):
         self.timeout = cache_timeout
         self.space = space or InodeSpace()
         self.shared_root = shared_root
-        self._dirs: dict[int, tuple[str, list[str]]] = {}
+        self._dirs: dict[int, tuple[str, list[str], int]] = {}  # fh -> path, names, pid
         self._xattr_names: dict[int, frozenset[bytes]] = {}
         self._next_dir = 1
 
@@ -352,15 +352,15 @@ class AgentfsOperations(pyfuse3.Operations):
         names = self.ov.listdir(path)
         fh = self._next_dir
         self._next_dir += 1
-        self._dirs[fh] = (path, names)
+        self._dirs[fh] = (path, names, _pid(ctx))
         return fh
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        path, names = self._dirs[fh]
+        path, names, pid = self._dirs[fh]
         if start_id == 0:  # (re)start: a fresh snapshot, so rewinddir sees changes
             names = self.ov.listdir(path)
-            self._dirs[fh] = (path, names)
+            self._dirs[fh] = (path, names, pid)
         for i in range(start_id, len(names)):
             child = join(path, names[i])
             try:
@@ -368,6 +368,11 @@ class AgentfsOperations(pyfuse3.Operations):
             except FsError:
                 continue  # removed since the snapshot
             entry = self._entry(attr, ROOT_INO if not path else None)
+            if self.gate.restricts_path(pid, "stat", child):
+                # pyfuse3 cannot send a name without its entry (the kernel front end
+                # does): never cached, so a stat after this clock tick is a LOOKUP
+                # that meets the policy
+                entry.entry_timeout = entry.attr_timeout = 0
             if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), entry, i + 1):
                 break
             self.ov.inodes.remember(attr.ino, child)

@@ -770,6 +770,7 @@ class KernelOperations:
         pad = p.PADDING
         t = 0 if self.shared_root and not path else self.timeout  # see _entry_timeout
         export = self.export
+        restricts = self.gate.restricts_path
         parts = [b""]
         room = size
         for i in range(start, len(names)):
@@ -785,6 +786,14 @@ class KernelOperations:
             if padded > room:
                 break
             room -= padded
+            if restricts(pid, "stat", child):
+                # the name only (as READDIR gives it): node id 0 makes no dentry, so a
+                # stat of it comes back as a LOOKUP and meets the policy; with the
+                # entry, `ls -la` showed a denied name's attributes
+                parts.append(pack(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                  0, 0, a.ino, cookies[i], len(raw), (a.mode >> 12) & 0xF)
+                             + raw + pad[padded - length])
+                continue
             asec, ans = divmod(a.atime_ns, NS)
             msec, mns = divmod(a.mtime_ns, NS)
             csec, cns = divmod(a.ctime_ns, NS)
