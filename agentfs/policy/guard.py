@@ -114,9 +114,8 @@ class Guard:
     def check(self, pid: int, uid: int, checks: Iterable[Check]) -> Verdict:
         """Decide plain (operation, path) checks: the strongest decision wins."""
         engine = self.engine_for(pid)
-        may = engine.may_restrict
         todo = [c for c in checks if c[0] in engine.restricted]
-        if not any(may(op, path) for op, path in todo):
+        if not _may_restrict_any(engine, todo):
             return ALLOWED  # no rule could say anything but allow: no caller to resolve
         caller, sid = self._caller(engine, pid, uid)
         return self._decide(engine, caller, sid, pid, todo)
@@ -128,8 +127,7 @@ class Guard:
         if not wanted:
             return ALLOWED
         todo = [(op, name) for name in self._names(path) for op in wanted]
-        may = engine.may_restrict
-        if not any(may(op, name) for op, name in todo):
+        if not _may_restrict_any(engine, todo):
             return ALLOWED  # as in `check`: every open of an unprotected file
         caller, sid = self._caller(engine, pid, uid)
         return self._decide(engine, caller, sid, pid, todo)
@@ -277,3 +275,8 @@ class Guard:
                     todo.append(child)
         return out
 
+
+def _may_restrict_any(engine: PolicyEngine, todo: list[Check]) -> bool:
+    """Could any of these checks be anything but allowed (for any caller)?"""
+    may = engine.may_restrict
+    return any(may(op, path) for op, path in todo)

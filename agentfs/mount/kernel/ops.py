@@ -134,6 +134,18 @@ def _same(ino: int) -> int:
     return ino
 
 
+def forget_each(buf: RequestBuffer, mv: memoryview, forget: Callable[[int, int], None]
+                ) -> None:
+    """BATCH_FORGET: *forget*(node, count) for each node in the request; one that fails
+    is logged and the rest are still forgotten (the request gets no reply)."""
+    count = p.BATCH_FORGET_IN.unpack_from(buf, 40)[0]
+    for node, nlookup in p.FORGET_ONE.iter_unpack(mv[48:48 + 16 * count]):
+        try:
+            forget(node, nlookup)
+        except Exception:
+            log.exception("forget of node %d", node)
+
+
 class KernelOperations:
     """One branch view behind the kernel protocol: the whole mount (pinned), or one
     of the views of a per-process mount (see kernel/perprocess.py).
@@ -448,12 +460,7 @@ class KernelOperations:
 
     def batch_forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
                      ) -> Reply:
-        count = p.BATCH_FORGET_IN.unpack_from(self.buf, 40)[0]
-        for ino, nlookup in p.FORGET_ONE.iter_unpack(self.mv[48:48 + 16 * count]):
-            try:
-                self.forget_node(ino, nlookup)
-            except Exception:
-                log.exception("forget of inode %d", ino)
+        forget_each(self.buf, self.mv, self.forget_node)
         return None
 
     def getattr(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:

@@ -17,7 +17,6 @@ view whoever reads it.
 from __future__ import annotations
 
 import errno
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any, Final
@@ -26,14 +25,11 @@ from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
 from agentfs.errors import FsError, UserError
 from agentfs.mount.kernel import proto as p
-from agentfs.mount.kernel.ops import KernelOperations
+from agentfs.mount.kernel.ops import KernelOperations, forget_each
 from agentfs.mount.kernel.session import Handler, RequestBuffer, Session
 from agentfs.mount.perprocess import BranchViews, GuardFactory
 from agentfs.mount.sessions import SessionTable
 from agentfs.overlay.inodes import ROOT_INO
-
-log = logging.getLogger(__name__)
-
 
 SLOT_SHIFT: Final = 40  # a directory handle's view: fh >> SLOT_SHIFT
 # requests on an open handle (it stays on the branch it was opened in, whoever uses it
@@ -157,21 +153,17 @@ class KernelPerProcess(BranchViews):
 
     def _forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
                 ) -> None:
-        if nodeid != ROOT_INO:
-            slot, local = self.inodes.owner(nodeid)
-            self._slots[slot].forget_node(local, p.FORGET_IN.unpack_from(self.buf, 40)[0])
+        self._forget_node(nodeid, p.FORGET_IN.unpack_from(self.buf, 40)[0])
 
     def _batch_forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
                       ) -> None:
-        count = p.BATCH_FORGET_IN.unpack_from(self.buf, 40)[0]
-        for node, nlookup in p.FORGET_ONE.iter_unpack(self.mv[48:48 + 16 * count]):
-            if node == ROOT_INO:
-                continue
-            try:
-                slot, local = self.inodes.owner(node)
-                self._slots[slot].forget_node(local, nlookup)
-            except Exception:
-                log.exception("forget of node %d", node)
+        forget_each(self.buf, self.mv, self._forget_node)
+
+    def _forget_node(self, node: int, nlookup: int) -> None:
+        """The shared root belongs to every view: never forgotten (module docstring)."""
+        if node != ROOT_INO:
+            slot, local = self.inodes.owner(node)
+            self._slots[slot].forget_node(local, nlookup)
 
     def _init(self, flags: int) -> None:
         self._flags = flags
