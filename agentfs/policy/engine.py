@@ -76,11 +76,13 @@ class PolicyEngine:
         self._may: dict[tuple[str, str], bool] = {}
         self._quiet: dict[tuple[str, str], bool] = {}  # see _quiet_below
         self._per_op: list[dict[str, RuleIndex]] = [{} for _ in layers]
-        restricted: set[str] = set()
-        for layer in layers:
-            d = layer.policy.defaults
-            restricted |= {op for op in OPS
-                           if (d.read if op in READ_OPS else d.write) != "allow"}
+        self._op_indexes: dict[str, list[RuleIndex]] = {}  # see _indexes
+        # the operations some layer's defaults do not simply allow
+        self._by_default = frozenset(
+            op for layer in layers for op in OPS
+            if (layer.policy.defaults.read if op in READ_OPS
+                else layer.policy.defaults.write) != "allow")
+        restricted = set(self._by_default)
         for rule in self.policy.rules:
             if rule.decision != "allow":
                 restricted |= rule.ops
@@ -106,7 +108,7 @@ class PolicyEngine:
             return False
         parent, _, name = path.rpartition("/")
         if name not in ("", ".", "..") and self._quiet_below(op, parent) and not any(
-                self._index(i, op).restricts_segment(name) for i in range(len(self.layers))):
+                ix.restricts_segment(name) for ix in self._indexes(op)):
             # a lookup's usual case: only its own name had to be looked at, which costs
             # what a cache would; not remembered (listings ask for every entry: a cached
             # answer per path grew the daemon by 6 MB over a walk of 100,000 files)
@@ -130,33 +132,27 @@ class PolicyEngine:
         if hit is not None:
             return hit
         segs = normalize(directory).split("/")
-        quiet = True
-        for i, layer in enumerate(self.layers):
-            d = layer.policy.defaults
-            index = self._index(i, op)
-            if ((d.read if op in READ_OPS else d.write) != "allow" or index.strict_always
-                    or any(index.restricts_segment(seg) for seg in segs)):
-                quiet = False
-                break
+        quiet = op not in self._by_default and not any(
+            ix.strict_always or any(ix.restricts_segment(seg) for seg in segs)
+            for ix in self._indexes(op))
         if len(self._quiet) >= _CACHE_LIMIT:
             self._quiet.clear()
         self._quiet[key] = quiet
         return quiet
 
     def _may_restrict(self, op: str, path: str) -> bool:
+        if op in self._by_default:
+            return True
         norm = normalize(path)
-        found = False
-        for i, layer in enumerate(self.layers):
-            d = layer.policy.defaults
-            if (d.read if op in READ_OPS else d.write) != "allow":
-                found = True
-                break
-            index = self._index(i, op)
-            if any(index.rules[j].decision != "allow"
-                   and index.rules[j].path_regex.fullmatch(norm)
-                   for j in index.candidates(norm)):
-                found = True
-                break
+        return any(ix.rules[j].decision != "allow" and ix.rules[j].path_regex.fullmatch(norm)
+                   for ix in self._indexes(op) for j in ix.candidates(norm))
+
+    def _indexes(self, op: str) -> list[RuleIndex]:
+        """Every layer's rule index for *op*, top layer first."""
+        found = self._op_indexes.get(op)
+        if found is None:
+            found = self._op_indexes[op] = [self._index(i, op)
+                                            for i in range(len(self.layers))]
         return found
 
     def _index(self, i: int, op: str) -> RuleIndex:
