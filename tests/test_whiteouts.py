@@ -115,8 +115,12 @@ def test_a_full_shared_inode_is_replaced(tmp_path: Path, monkeypatch: pytest.Mon
     tree = _top(store) / "tree" / "src"
     assert os.lstat(tree / "a.py").st_ino == os.lstat(tree / "b.py").st_ino
     work = sorted(os.listdir(_top(store) / "work"))
-    assert len(full) == 1 and full.pop() in work  # the full one stayed, unused
+    # the full one's name left work/ at once (its whiteouts keep the inode), and only
+    # the new one's is there; after close, none
+    assert len(full) == 1 and full.pop() not in work
+    assert len([w for w in work if w.startswith("whiteout.")]) == 1
     ov.close()
+    assert sorted(os.listdir(_top(store) / "work")) == ["orphans"]
 
 
 def test_stamp_log_last_line_wins_and_torn_lines_are_skipped(tmp_path: Path) -> None:

@@ -506,7 +506,7 @@ class Overlay:
             except OSError as exc:
                 if exc.errno != errno.EMLINK:
                     raise
-                self._shared_whiteout = None
+                self._drop_shared_whiteout()  # full: its whiteouts keep it, work/ not
         raise FsError(errno.EMLINK)
 
     def _drop_shared_whiteout(self) -> None:
