@@ -361,6 +361,7 @@ class AgentfsOperations(pyfuse3.Operations):
         if start_id == 0:  # (re)start: a fresh snapshot, so rewinddir sees changes
             names = self.ov.listdir(path)
             self._dirs[fh] = (path, names, pid)
+        restricted = self.gate.path_restricts(pid, "stat")
         for i in range(start_id, len(names)):
             child = join(path, names[i])
             try:
@@ -368,7 +369,7 @@ class AgentfsOperations(pyfuse3.Operations):
             except FsError:
                 continue  # removed since the snapshot
             entry = self._entry(attr, ROOT_INO if not path else None)
-            if self.gate.restricts_path(pid, "stat", child):
+            if restricted is not None and restricted(child):
                 # pyfuse3 cannot send a name without its entry (the kernel front end
                 # does): never cached, so a stat after this clock tick is a LOOKUP
                 # that meets the policy

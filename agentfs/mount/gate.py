@@ -7,7 +7,8 @@ The binding-specific part is only how a front end waits for a person's answer
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 
 from agentfs.audit.recorder import PENDING, HandleIO, Pending, Recorder
 from agentfs.context import CALLER
@@ -34,6 +35,15 @@ class Gate:
         if self.guard is None:
             return False
         return self.guard.engine_for(pid).may_restrict(op, path)
+
+    def path_restricts(self, pid: int, op: str) -> Callable[[str], bool] | None:
+        """`restricts_path(pid, op, ·)` for the many paths of one request (a listing's
+        entries): the caller's policy found once; None when nothing can restrict *op*."""
+        if self.guard is None:
+            return None
+        engine = self.guard.engine_for(pid)
+        return None if op not in engine.restricted else functools.partial(
+            engine.may_restrict, op)
 
     def begin(self, pid: int, uid: int, op: str, path: str, verdict: Verdict,
               dst: str = "") -> Verdict:

@@ -777,7 +777,7 @@ class KernelOperations:
         pad = p.PADDING
         t = 0 if self.shared_root and not path else self.timeout  # see _entry_timeout
         export = self.export
-        restricts = self.gate.restricts_path
+        restricted = self.gate.path_restricts(pid, "stat")
         parts = [b""]
         room = size
         for i in range(start, len(names)):
@@ -793,7 +793,7 @@ class KernelOperations:
             if padded > room:
                 break
             room -= padded
-            if restricts(pid, "stat", child):
+            if restricted is not None and restricted(child):
                 # the name only (as READDIR gives it): node id 0 makes no dentry, so a
                 # stat of it comes back as a LOOKUP and meets the policy; with the
                 # entry, `ls -la` showed a denied name's attributes
