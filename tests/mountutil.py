@@ -30,6 +30,15 @@ IMPLS = ("pyfuse3", "mfusepy", "kernel")  # the FUSE front ends every mounted su
 DEFAULT_IMPL = os.environ.get("AGENTFS_FUSE_IMPL") or "kernel"  # as agentfs mount chooses
 
 
+def passes_through(impl: str = DEFAULT_IMPL) -> bool:
+    """Whether a mount through *impl* has the kernel read and write the branch's own files
+    itself (FUSE passthrough: the kernel front end, Linux 6.9+, CAP_SYS_ADMIN)."""
+    from agentfs.mount.kernel import passthrough
+
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    return impl == "kernel" and release >= (6, 9) and passthrough.wanted()
+
+
 def fuse_problem() -> str | None:
     """Why FUSE mounts cannot work here, or None."""
     if not os.path.exists("/dev/fuse"):

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import AGENTFS, mounted_branch
+from mountutil import AGENTFS, mounted_branch, passes_through
 
 from agentfs.audit.log import AuditLog, query
 
@@ -61,10 +61,14 @@ def test_every_operation_of_a_workload_is_recorded_once(tmp_path: Path) -> None:
         mb.unmount()  # a clean unmount flushes every event
         events = [e for e in query(mb.store) if e["op"] not in ("utimens",)]
     got = [(e["op"], e["path"], e["dst"], e["decision"], e["errno"]) for e in events]
+    # a handle's I/O is recorded when the kernel releases it, which it does in the
+    # background: after the close, not always before the next request
+    write_at = got.index(("write", "notes/n.txt", "", "allow", 0))
+    assert got.index(("create", "notes/n.txt", "", "audit", 0)) < write_at
+    del got[write_at]
     assert got == [
         ("mkdir", "notes", "", "audit", 0),
         ("create", "notes/n.txt", "", "audit", 0),
-        ("write", "notes/n.txt", "", "allow", 0),
         ("open", "a.txt", "", "allow", 0),
         ("read", "a.txt", "", "allow", 0),
         ("rename", "notes/n.txt", "notes/m.txt", "audit", 0),
@@ -77,7 +81,10 @@ def test_every_operation_of_a_workload_is_recorded_once(tmp_path: Path) -> None:
         ("rmdir", "notes", "", "audit", 0),
     ], got
     write = next(e for e in events if e["op"] == "write")
-    assert write["bytes"] == 12 and write["count"] >= 1  # the page cache may merge writes
+    if passes_through():  # the kernel wrote the branch's new file itself: not counted
+        assert (write["bytes"], write["count"]) == (0, 0)
+    else:
+        assert write["bytes"] == 12 and write["count"] >= 1  # the page cache may merge writes
     denied = next(e for e in events if e["decision"] == "deny")
     assert denied["rule"] == "no-secret" and len(denied["policy_sha256"]) == 64
     assert all(e["exe"] and e["pid"] > 0 and e["branch"] == "b" for e in events)

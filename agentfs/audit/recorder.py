@@ -48,6 +48,11 @@ class HandleIO:
     read_bytes: int = 0
     writes: int = 0
     written: int = 0
+    # a passed-through writer (mount.kernel.passthrough): its host fd, the file's
+    # (size, mtime, ctime) at open, and whether they changed by release
+    fd: int = -1
+    before: tuple[int, int, int] | None = None
+    unseen_write: bool = False
 
 
 PENDING: Final[ContextVar[Pending | None]] = ContextVar("agentfs_audit_pending", default=None)
@@ -90,13 +95,13 @@ class Recorder:
             int((time.perf_counter() - pending.started) * 1e6))
 
     def handle_closed(self, io: HandleIO) -> None:
-        if not (io.reads or io.writes):
+        if not (io.reads or io.writes or io.unseen_write):
             return
         exe, cmdline = self._proc(io.pid)
         emit = self.log.emit_request
         if io.reads:
             emit(io.session, self.branch, io.pid, exe, cmdline, io.uid, "read", io.path, "",
                  "allow", "", io.policy_sha256, 0, 0, io.reads, io.read_bytes)
-        if io.writes:
+        if io.writes or io.unseen_write:  # passed through: 0 calls, 0 bytes (not counted)
             emit(io.session, self.branch, io.pid, exe, cmdline, io.uid, "write", io.path, "",
                  "allow", "", io.policy_sha256, 0, 0, io.writes, io.written)

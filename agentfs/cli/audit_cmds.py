@@ -49,7 +49,8 @@ def _format(e: dict[str, Any]) -> str:
     if e["dst"]:
         what += f" -> {e['dst']}"
     if e["op"] in ("read", "write"):
-        what += f" ({e['count']} calls, {e['bytes']} bytes)"
+        what += (f" ({e['count']} calls, {e['bytes']} bytes)" if e["count"]
+                 else " (passed through: calls and bytes not counted)")
     if e["op"] == "audit_dropped":
         what = f"{e['count']} events were dropped (queue full)"
     result = "ok" if not e["errno"] else errno_mod.errorcode.get(e["errno"], str(e["errno"]))

@@ -40,6 +40,7 @@ from agentfs.errors import FsError
 from agentfs.mount.boundary import errno_for
 from agentfs.mount.gate import Gate
 from agentfs.mount.kernel import proto as p
+from agentfs.mount.kernel.passthrough import Backings
 from agentfs.mount.kernel.session import RequestBuffer, Session
 from agentfs.overlay.attrs import Attr
 from agentfs.overlay.engine import Overlay
@@ -179,6 +180,7 @@ class KernelOperations:
         self._threads: set[threading.Thread] = set()
         self._setxattr_ext = False
         self._killpriv_v2 = False
+        self.backings = Backings()
         self._libc: ctypes.CDLL | None = None
 
     # -- wiring ----------------------------------------------------------------------------
@@ -248,6 +250,8 @@ class KernelOperations:
         """What INIT agreed on (this view may be made after it)."""
         self._setxattr_ext = bool(flags & p.SETXATTR_EXT)
         self._killpriv_v2 = bool(flags & p.HANDLE_KILLPRIV_V2)
+        if self.session is not None and self.session.passthrough:
+            self.backings.enable(self.session.fd)
 
     def shutdown(self) -> None:
         """The loop is over: end every wait for an answer (EINTR) and let them finish."""
@@ -453,6 +457,7 @@ class KernelOperations:
         self.ov.forget(nodeid, count)
         if not self.ov.inodes.referenced(nodeid):
             self._xattr_names.pop(nodeid, None)
+            self.backings.forget(nodeid)
 
     def forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
         self.forget_node(nodeid, p.FORGET_IN.unpack_from(self.buf, 40)[0])
@@ -607,13 +612,28 @@ class KernelOperations:
                 self._remember_xattrs(nodeid, fh)
             if open_flags & p.OPEN_KILL_SUIDGID and self._killpriv_v2:
                 self._kill_suid_fh(fh, nodeid)
-            return p.OPEN_OUT.pack(32, 0, unique, fh, p.FOPEN_KEEP_CACHE, 0)
+            return p.OPEN_OUT.pack(32, 0, unique, fh, *self._io_mode(fh, nodeid))
 
         ops = open_ops(flags)
         if not ops:
             return then()
         return self._go(self.gate.check_object(pid, uid, ops, path, "open"), path, unique,
                         pid, then)
+
+    def _io_mode(self, fh: int, nodeid: int) -> tuple[int, int]:
+        """(open flags, backing id) of new handle *fh*: passed through to its host file
+        when that is the branch's own (kernel.passthrough), else kernel-cached.  Not a
+        writer of a set-uid/set-gid file: the kernel writes a passed-through file with
+        the daemon's privilege, so the bits a write by another user must drop would stay
+        (through the daemon, the write's KILL_SUIDGID flag drops them)."""
+        h = self.ov.handles[fh]
+        writable = h.flags & _ACCMODE != os.O_RDONLY
+        may_pass = h.on_top and self.backings.on and not (
+            writable and os.fstat(h.fd).st_mode & (stat.S_ISUID | stat.S_ISGID))
+        flags, backing = self.backings.open_flags(fh, nodeid, h.fd, may_pass)
+        if backing:
+            self.gate.passed_through(fh, h.fd, writable)
+        return flags, backing
 
     def _kill_suid_fh(self, fh: int, nodeid: int) -> None:
         """A write or O_TRUNC by a caller without CAP_FSETID (HANDLE_KILLPRIV_V2): drop
@@ -642,7 +662,7 @@ class KernelOperations:
                                      a.ino, a.size,
                                      a.blocks, asec, msec, csec, ans, mns, cns, a.mode,
                                      a.nlink, a.uid, a.gid, a.rdev & M32, a.blksize, 0, fh,
-                                     p.FOPEN_KEEP_CACHE, 0)
+                                     *self._io_mode(fh, a.ino))
 
         return self._go(self.gate.check(pid, uid, (("create", path), ("open_write", path),
                                                    ("write", path))), path, unique, pid, then)
@@ -668,8 +688,9 @@ class KernelOperations:
 
     def release(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
         fh = p.RELEASE_IN.unpack_from(self.buf, 40)[0]
+        self.backings.released(fh)
+        self.gate.released(fh)  # first: a passed-through handle's audit looks at its fd
         self.ov.release(fh)
-        self.gate.released(fh)
         return p.OUT_HEADER.pack(16, 0, unique)
 
     def _writable_fd(self, fh: int) -> int:

@@ -103,11 +103,14 @@ CACHE_SYMLINKS: Final = 1 << 23
 HANDLE_KILLPRIV_V2: Final = 1 << 28
 SETXATTR_EXT: Final = 1 << 29
 INIT_EXT: Final = 1 << 30
+# flags2 (the high half of the 64 INIT flags)
+PASSTHROUGH_2: Final = 1 << (37 - 32)    # FUSE_PASSTHROUGH: backing files (Linux 6.9)
 
 # -- open_out.open_flags -------------------------------------------------------------------
 FOPEN_DIRECT_IO: Final = 1 << 0
 FOPEN_KEEP_CACHE: Final = 1 << 1
 FOPEN_CACHE_DIR: Final = 1 << 3
+FOPEN_PASSTHROUGH: Final = 1 << 7
 
 # -- request flags -----------------------------------------------------------------------------
 FATTR_MODE: Final = 1 << 0
@@ -168,19 +171,25 @@ _ATTR: Final = "QQQqqqIIIIIIIIII"  # ino size blocks atime mtime ctime atimensec
 ENTRY_OUT: Final = Struct("=IiQ" "QQQQII" + _ATTR)   # + nodeid generation entry_valid
 #                                                     attr_valid entry_nsec attr_nsec
 ATTR_OUT: Final = Struct("=IiQ" "QII" + _ATTR)       # + attr_valid attr_nsec dummy
-OPEN_OUT: Final = Struct("=IiQ" "QII")               # + fh open_flags padding
-CREATE_OUT: Final = Struct("=IiQ" "QQQQII" + _ATTR + "QII")  # entry_out + open_out
+OPEN_OUT: Final = Struct("=IiQ" "QIi")               # + fh open_flags backing_id
+CREATE_OUT: Final = Struct("=IiQ" "QQQQII" + _ATTR + "QIi")  # entry_out + open_out
 WRITE_OUT: Final = Struct("=IiQ" "II")               # + size padding
 GETXATTR_OUT: Final = Struct("=IiQ" "II")            # + size padding
 STATFS_OUT: Final = Struct("=IiQ" "QQQQQIIII24x")    # + blocks bfree bavail files ffree
 #                                                     bsize namelen frsize padding spare[6]
-INIT_OUT: Final = Struct("=IiQ" "IIIIHHIIHHI28x")    # + major minor max_readahead flags
+INIT_OUT: Final = Struct("=IiQ" "IIIIHHIIHHII24x")   # + major minor max_readahead flags
 #                                                     max_background congestion max_write
 #                                                     time_gran max_pages map_alignment
-#                                                     flags2 unused[7]
+#                                                     flags2 max_stack_depth unused
 LSEEK_OUT: Final = Struct("=IiQ" "Q")                # + offset
 NOTIFY_INVAL_INODE_OUT: Final = Struct("=IiQ" "Qqq")  # + ino off len
 NOTIFY_INVAL_ENTRY_OUT: Final = Struct("=IiQ" "QII")  # + parent namelen flags; name NUL
+
+# -- /dev/fuse ioctls (passthrough) -------------------------------------------------------------
+BACKING_MAP: Final = Struct("=iIQ")                   # fd flags padding
+BACKING_OPEN: Final = (1 << 30) | (BACKING_MAP.size << 16) | (229 << 8) | 1   # _IOW(229, 1)
+BACKING_CLOSE: Final = (1 << 30) | (4 << 16) | (229 << 8) | 2                 # _IOW(229, 2)
+BACKING_ID: Final = Struct("=I")
 
 # directory records, each padded to 8 bytes
 DIRENT: Final = Struct("=QQII")                      # ino off namelen type; name

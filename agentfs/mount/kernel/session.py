@@ -55,6 +55,7 @@ from typing import Any, Final
 from agentfs import capabilities
 from agentfs.audit.recorder import finish_pending
 from agentfs.mount.boundary import errno_for
+from agentfs.mount.kernel import passthrough
 from agentfs.mount.kernel import proto as p
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ class Session:
         self.on_init: Callable[[int], None] = lambda flags: None
         self.after_init: Callable[[], None] = lambda: None  # once INIT's reply took effect
         self.flags = 0          # the INIT flags agreed on
+        self.passthrough = False  # FUSE_PASSTHROUGH agreed on (see kernel.passthrough)
         self.minor = 0
         self.mounted = False
         self.gone = False       # the kernel ended the connection (unmounted)
@@ -274,19 +276,26 @@ class Session:
                       major, minor, p.MIN_MINOR)
             return p.OUT_HEADER.pack(16, -errno.EPROTO, unique)
         agreed = offered & WANTED
-        if os.environ.get("AGENTFS_FUSE_WRITEBACK", "") == "0":  # for measuring, see WANTED
+        offered2 = p.INIT_IN_FLAGS2.unpack_from(self.buf, 56)[0] if offered & p.INIT_EXT else 0
+        agreed2 = 0
+        if offered2 & p.PASSTHROUGH_2 and passthrough.wanted():
+            agreed2 = p.PASSTHROUGH_2  # the kernel refuses it with the writeback cache
             agreed &= ~p.WRITEBACK_CACHE
+        elif os.environ.get("AGENTFS_FUSE_WRITEBACK", "") == "0":  # measuring, see WANTED
+            agreed &= ~p.WRITEBACK_CACHE
+        self.passthrough = bool(agreed2)
         if not agreed & p.HANDLE_KILLPRIV_V2:
             agreed |= offered & p.HANDLE_KILLPRIV
         self.flags, self.minor = agreed, min(minor, p.KERNEL_MINOR)
         max_pages = MAX_PAGES if agreed & p.MAX_PAGES else 32
         max_write = min(MAX_WRITE, max_pages * 4096)
         self.on_init(agreed)
-        log.debug("FUSE INIT: kernel 7.%d offers %#x, agreed %#x (7.%d)", minor, offered,
-                  agreed, self.minor)
+        log.debug("FUSE INIT: kernel 7.%d offers %#x/%#x, agreed %#x/%#x (7.%d)", minor,
+                  offered, offered2, agreed, agreed2, self.minor)
         return p.INIT_OUT.pack(p.INIT_OUT.size, 0, unique, p.KERNEL_VERSION, self.minor,
                                max_readahead, agreed & 0xFFFFFFFF, 0, 0, max_write, 1,
-                               max_pages, 0, 0)
+                               max_pages, 0, agreed2,
+                               passthrough.MAX_STACK_DEPTH if agreed2 else 0)
 
     def _destroy(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
                  ) -> bytes:

@@ -1,0 +1,101 @@
+"""FUSE passthrough in the kernel front end: the kernel reads and writes the branch's own
+files itself, and every view of a file stays the same as through the daemon."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+from mountutil import cli_env, mounted_branch, passes_through
+
+pytestmark = [pytest.mark.mount,
+              pytest.mark.skipif(not passes_through("kernel"),
+                                 reason="no FUSE passthrough here (Linux 6.9+, CAP_SYS_ADMIN)")]
+
+
+def _base(tmp_path: Path) -> Path:
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "lower.txt").write_bytes(b"lower\n")
+    return base
+
+
+def test_reads_and_writes_of_the_branchs_files_bypass_the_daemon(tmp_path: Path) -> None:
+    stats = tmp_path / "ops.json"
+    env = {**cli_env(tmp_path / "home"), "AGENTFS_OPSTATS": str(stats)}
+    with mounted_branch(_base(tmp_path), tmp_path, "b", env=env, impl="kernel") as mb:
+        m = mb.mountpoint
+        block = os.urandom(1 << 20)
+        with open(m / "new.bin", "wb") as fh:  # created in the branch: passed through
+            for _ in range(4):
+                fh.write(block)
+        with open(m / "lower.txt", "ab") as fh:  # copied up at open: passed through
+            fh.write(b"more\n")
+        assert (m / "new.bin").read_bytes() == block * 4
+        assert (m / "lower.txt").read_bytes() == b"lower\nmore\n"
+        assert (m / "new.bin").stat().st_size == 4 << 20
+        mb.unmount()
+    counts = {op: v["count"] for op, v in json.loads(stats.read_text()).items()}
+    assert "write" not in counts and "read" not in counts, counts
+    assert (tmp_path / "base/lower.txt").read_bytes() == b"lower\n"
+
+
+def test_a_reader_of_a_base_file_sees_a_writer_that_copies_it_up(tmp_path: Path) -> None:
+    """The reader's open is kernel-cached (a base file), so the writer's must be too: the
+    kernel allows no mix, and both see one file."""
+    with mounted_branch(_base(tmp_path), tmp_path, "b", impl="kernel") as mb:
+        path = mb.mountpoint / "lower.txt"
+        with open(path, "rb", buffering=0) as reader:
+            assert reader.read() == b"lower\n"
+            with open(path, "r+b", buffering=0) as writer:
+                writer.write(b"LOWER")
+                assert os.pread(reader.fileno(), 100, 0) == b"LOWER\n"
+        # now a top file: both passed through
+        with open(path, "r+b", buffering=0) as writer, open(path, "rb", buffering=0) as reader:
+            writer.write(b"upper")
+            assert os.pread(reader.fileno(), 100, 0) == b"upper\n"
+        assert path.read_bytes() == b"upper\n"
+    assert (tmp_path / "base/lower.txt").read_bytes() == b"lower\n"
+
+
+def test_pages_cached_before_a_passthrough_write_are_not_shown(tmp_path: Path) -> None:
+    with mounted_branch(_base(tmp_path), tmp_path, "b", impl="kernel") as mb:
+        path = mb.mountpoint / "lower.txt"
+        assert path.read_bytes() == b"lower\n"  # the base file's pages, kernel-cached
+        with open(path, "r+b", buffering=0) as writer:
+            writer.write(b"fresh")
+        assert path.read_bytes() == b"fresh\n"
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mem:
+            assert mem[:] == b"fresh\n"
+
+
+def test_shared_mappings_truncation_and_unlinked_files(tmp_path: Path) -> None:
+    with mounted_branch(_base(tmp_path), tmp_path, "b", impl="kernel") as mb:
+        m = mb.mountpoint
+        path = m / "mapped.bin"
+        path.write_bytes(b"\0" * 8192)
+        with open(path, "r+b") as fh, mmap.mmap(fh.fileno(), 8192) as mem:
+            mem[4096:4101] = b"hello"
+            mem.flush()
+        assert path.read_bytes()[4096:4101] == b"hello"
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, 4100)
+            assert path.stat().st_size == 4100
+            assert os.pread(fd, 10, 4096) == b"hell"
+            os.unlink(path)
+            os.pwrite(fd, b"after", 0)
+            assert os.pread(fd, 5, 0) == b"after"
+            assert os.fstat(fd).st_nlink == 0
+        finally:
+            os.close(fd)
+        assert not path.exists()
+        # many handles of one file share its backing; the last close lets it go
+        fds = [os.open(m / "lower.txt", os.O_RDWR | os.O_APPEND) for _ in range(3)]
+        for i, fd in enumerate(fds):
+            os.write(fd, b"%d\n" % i)
+            os.close(fd)
+        assert (m / "lower.txt").read_bytes() == b"lower\n0\n1\n2\n"
