@@ -99,3 +99,35 @@ def test_shared_mappings_truncation_and_unlinked_files(tmp_path: Path) -> None:
             os.write(fd, b"%d\n" % i)
             os.close(fd)
         assert (m / "lower.txt").read_bytes() == b"lower\n0\n1\n2\n"
+
+
+def test_a_fork_keeps_its_snapshot_while_passed_through_files_stay_open(
+        tmp_path: Path) -> None:
+    """The kernel writes a passed-through file itself, so a live fork cannot re-point its
+    handles: the open file moves up into the parent's new top and the fork keeps a copy.
+    A reader held open across the fork pins the backing for later writers too."""
+    env = cli_env(tmp_path / "home")
+    with mounted_branch(_base(tmp_path), tmp_path / "a", "a", env=env, impl="kernel") as ma:
+        m = ma.mountpoint
+        (m / "top.txt").write_bytes(b"v1\n")
+        reader = os.open(m / "top.txt", os.O_RDONLY)
+        writer = os.open(m / "lower.txt", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(writer, b"before\n")
+            ma.cli("branch", "create", "f", "--from", "a")
+            os.write(writer, b"after\n")
+            with open(m / "top.txt", "ab") as late:  # the reader's backing, now the parent's
+                late.write(b"v2\n")
+            assert os.pread(reader, 100, 0) == b"v1\nv2\n"
+            assert os.fstat(reader).st_ino == (m / "top.txt").stat().st_ino
+        finally:
+            os.close(reader)
+            os.close(writer)
+        assert (m / "lower.txt").read_bytes() == b"lower\nbefore\nafter\n"
+        ino = (m / "top.txt").stat().st_ino
+        with mounted_branch(tmp_path / "base", tmp_path / "f", "f", init=False,
+                            store=ma.store, env=env, impl="kernel") as mf:
+            f = mf.mountpoint
+            assert (f / "lower.txt").read_bytes() == b"lower\nbefore\n"
+            assert (f / "top.txt").read_bytes() == b"v1\n"
+            assert (f / "top.txt").stat().st_ino == ino  # the copy keeps the file's number

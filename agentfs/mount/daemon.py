@@ -245,7 +245,8 @@ class Daemon:
             return {"ok": True, "pid": os.getpid(), "asks": self.broker.mode.name}
         if op == "fork" and not isinstance(self.ops, PER_PROCESS):
             layer = Layer.open_store_layer(int(req["layer_id"]), str(req["layer_dir"]))
-            self.ops.ov.push_top(layer)
+            live = self.ops.backings.nodes() if isinstance(self.ops, KernelOperations) else ()
+            self.ops.ov.push_top(layer, live)
             log.info("forked: new top layer %s", req["layer_id"])
             return {"ok": True}
         if op == "policy":

@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -178,14 +178,10 @@ class Overlay:
             self._dir_nlink[path] = n
         return n
 
-    @contextlib.contextmanager
-    def _parent_times_kept(self, path: str) -> Iterator[None]:
+    def _parent_times_kept(self, path: str) -> contextlib.AbstractContextManager[None]:
         """Copy-up adds an entry to the top copy of the parent; that is not a change
         the user made, so the parent's times must not move."""
-        parent = split(path)[0]
-        st = self.tree.lstat(parent)
-        yield
-        self.tree.utime(parent, st.st_atime_ns, st.st_mtime_ns)
+        return _dir_times_kept(self.tree, split(path)[0])
 
     def _missing_errno(self, path: str) -> int:
         """ENOTDIR when a component on the way is not a directory, else ENOENT."""
@@ -439,13 +435,18 @@ class Overlay:
             os.close(h.fd)
             h.fd, h.on_top = fd, True
 
-    def push_top(self, new_top: Layer) -> None:
+    def push_top(self, new_top: Layer, live: Collection[int] = ()) -> None:
         """Fork support: the current top becomes a frozen layer under *new_top*.
 
         The view does not change.  Files open for writing are copied into the new top
         now and their handles re-pointed, so writes after this instant land in the
-        new top only; the frozen layer is the fork's consistent snapshot."""
-        writing = {h.ino for h in self.handles.values() if self._writable(h) and h.on_top}
+        new top only; the frozen layer is the fork's consistent snapshot.  *live*:
+        inodes whose open host files the kernel reads and writes itself (FUSE
+        passthrough), which no handle re-pointing reaches: those files move up into
+        the new top, and the frozen layer gets a copy (`_move_up_live`)."""
+        live = set(live)
+        writing = {h.ino for h in self.handles.values()
+                   if self._writable(h) and h.on_top and h.ino not in live}
         for h in self.handles.values():
             h.on_top = False
         self._drop_shared_whiteout()
@@ -462,6 +463,40 @@ class Overlay:
             else:
                 for fh in self._by_ino.get(ino, ()):  # unlinked: nobody else can see it
                     self.handles[fh].on_top = True
+        for ino in live:
+            if self.inodes.has_path(ino) and not self._move_up_live(self.inodes.path(ino)):
+                log.warning("fork: %s is open for the kernel's own I/O and has other "
+                            "names; writes through its open handles reach the fork too",
+                            self.inodes.path(ino))
+                continue
+            for fh in self._by_ino.get(ino, ()):  # the handles' host file is the new top's
+                self.handles[fh].on_top = True
+
+    def _move_up_live(self, path: str) -> bool:
+        """After a fork: the open file at *path*, still in the layer just frozen, becomes
+        the new top's (the same host inode, renamed up: the kernel keeps reading and
+        writing it), and the frozen layer keeps a copy made now, with the same layer
+        metadata and inode number, put in place by one rename so it never lacks the
+        name.  False (nothing done) for a file with other names (hard links, an index
+        entry): moving one name would split them."""
+        loc = self._locate(path)
+        frozen = self.layers[1]
+        st = loc.host.lstat(loc.rel)
+        if (loc.layer != 1 or loc.host is not frozen.tree or loc.kind != stat.S_IFREG
+                or st.st_nlink != 1):
+            return False
+        meta = dict(frozen.meta(loc.host, loc.rel, st))
+        meta.setdefault("origin", self._ino(path, loc, st))  # the fork sees the same st_ino
+        self._ensure_dir_on_top(split(path)[0])
+        tmp = copyup.temp_name()
+        copyup.clone_object(loc.host, loc.rel, st, self.work, tmp,
+                            on_fd=lambda fd, fst: frozen.set_meta_fd(fd, fst, meta))
+        with self._parent_times_kept(path), \
+                _dir_times_kept(loc.host, split(loc.rel)[0]):
+            loc.host.link_to(loc.rel, self.tree, path)
+            self.work.rename_to(tmp, loc.host, loc.rel, dirs=False)
+        self._invalidate(path)
+        return True
 
     def _name_on_top(self, path: str, loc: Loc) -> None:
         """Give a copied-up hard-linked file (served from the index) a tree name."""
@@ -1181,6 +1216,14 @@ class Overlay:
         else:
             bits = attr.mode & 7
         return mode & bits == mode
+
+
+@contextlib.contextmanager
+def _dir_times_kept(host: HostDir, rel: str) -> Iterator[None]:
+    """Keep directory *rel*'s times across bookkeeping that adds or replaces its entries."""
+    st = host.lstat(rel)
+    yield
+    host.utime(rel, st.st_atime_ns, st.st_mtime_ns)
 
 
 def _check_name(path: str) -> None:

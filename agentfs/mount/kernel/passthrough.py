@@ -94,9 +94,9 @@ class Backings:
             return 0, 0
         return p.FOPEN_KEEP_CACHE, 0
 
-    def passed_through(self, fh: int) -> bool:
-        got = self._handles.get(fh)
-        return got is not None and got[1]
+    def nodes(self) -> set[int]:
+        """The node ids with passed-through open handles."""
+        return set(self._passed)
 
     def released(self, fh: int) -> None:
         got = self._handles.pop(fh, None)
