@@ -334,3 +334,56 @@ def test_mounted_sigkill_loses_no_trash_record(tmp_path: Path) -> None:
         assert tree["entries"] == 11
         mb.cli("trash", "restore", tree["id"])
         assert (m / "src/d1/f9.c").read_text() == "int x1_9;\n"
+
+
+
+@pytest.mark.parametrize("dies", ["before", "after"])
+def test_a_deletion_killed_at_its_trash_link_loses_nothing(tmp_path: Path, dies: str
+                                                           ) -> None:
+    """The record goes first, the trash link second.  Killed before the link: the record's
+    data never came; recovery drops it (the file never left the view) and a later
+    deletion keeps the file.  Killed after it: the item is whole.  (Linked first, a kill
+    right after the link left unrecorded data sharing the file's inode: the next
+    deletion took that link for a second name of the file and kept nothing.)"""
+    s = Store1(tmp_path)
+    try:
+        s.store.close()
+        script = textwrap.dedent(f"""
+            import os, signal
+            from pathlib import Path
+            from agentfs.branches.store import Store
+            from agentfs.mount.view import open_branch_view
+            from agentfs.overlay.hostio import HostDir
+            from agentfs.trash.service import Trash
+            store = Store(Path({str(s.store.root)!r}))
+            trash = Trash(store)
+            ov = open_branch_view(store, "b")
+            ov.trash = trash.sink("b")
+            fh, _ = ov.create("own.txt", os.O_WRONLY, 0o644, 0, 0)
+            ov.write(fh, 0, b"first\\n")
+            ov.release(fh)
+            link = HostDir.link_to
+            def dying_link(*args, **kwargs):
+                if {dies!r} == "after":
+                    link(*args, **kwargs)
+                os.kill(os.getpid(), signal.SIGKILL)
+            HostDir.link_to = dying_link
+            ov.unlink("own.txt")
+        """)
+        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ))
+        assert res.returncode == -signal.SIGKILL, res.stderr
+        s.store = Store(s.store.root)
+        finalize_stale(s.trash.area, 0)  # what a mount does first
+        assert s.journals() == []
+        assert len(s.record_files()) == (dies == "after")
+        ov = s.view()
+        fh = ov.open("own.txt", os.O_RDONLY)  # the unlink never finished
+        assert ov.read(fh, 0, 100) == b"first\n"
+        ov.release(fh)
+        ov.unlink("own.txt")
+        held = {(i.path, (s.trash.area.root / i.data_rel("")).read_bytes())
+                for i in s.trash.area.items()}
+        assert held == {("own.txt", b"first\n")}
+    finally:
+        s.close()

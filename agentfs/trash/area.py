@@ -162,6 +162,17 @@ def _alive(pid: int, start: int) -> bool:
     return start == 0 or now is None or now == start
 
 
+def never_taken(items: Path, item_id: str, meta: dict[str, Any]) -> bool:
+    """A dead writer's record of one held object whose data never got its trash name:
+    the writer records first and links or moves second (`TrashSink.take`), so it died
+    in between, and the object is still where it was.  Such a record is dropped."""
+    entries = meta.get("entries")
+    return (isinstance(entries, list) and len(entries) == 1
+            and isinstance(entries[0], dict) and bool(entries[0].get("held"))
+            and entries[0].get("rel") == ""
+            and not os.path.lexists(items / f"{item_id}{DATA}"))
+
+
 def _parse(raw: bytes) -> dict[str, dict[str, Any] | None]:
     """A journal's records, id -> meta (None: dropped); the last line counts only if
     it is complete."""
@@ -428,7 +439,7 @@ class TrashArea:
                 raw = os.pread(fd, size, 0) if size else b""
                 records = _parse(raw)
                 for item_id, meta in records.items():
-                    if meta is not None:
+                    if meta is not None and not never_taken(self.root, item_id, meta):
                         self._write_file(item_id, meta)
                         done += 1
                 os.unlink(path)

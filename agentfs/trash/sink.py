@@ -154,13 +154,19 @@ class TrashSink:
     # -- the hook ------------------------------------------------------------------------
     def take(self, path: str, host: HostDir, rel: str, st: os.stat_result, reason: str,
              link: bool = False) -> None:
+        """Hold the object at *host*/*rel* (lstat *st*) as a new item.  The record is
+        written before the data gets its trash name: a daemon killed in between leaves
+        a record without data, which the next mount drops (`area.never_taken`: the
+        object never left the view), never unrecorded data that shares the inode of
+        the file still in the view (a later deletion of that file took the extra link
+        for a second name and kept nothing)."""
         item_id, data = self._new()
+        entry = describe(host, rel, "", 0, st=st)
+        self._record(item_id, path, entry["kind"], reason, [entry])
         if link:
             host.link_to(rel, self.area.host, data)
         else:
             host.rename_to(rel, self.area.host, data)
-        entry = describe(self.area.host, data, "", 0)
-        self._record(item_id, path, entry["kind"], reason, [entry])
 
     def hidden(self, path: str, layer: Layer, host: HostDir, rel: str, reason: str,
                st: os.stat_result | None = None) -> None:
@@ -172,9 +178,9 @@ class TrashSink:
     def kept_open(self, path: str, ino: int, host: HostDir, rel: str, st: os.stat_result,
                   reason: str) -> None:
         item_id, data = self._new()
-        host.link_to(rel, self.area.host, data)  # survives a crash; writes still land here
-        entry = describe(self.area.host, data, "", 0)
+        entry = describe(host, rel, "", 0, st=st)  # recorded first, as in `take`
         self._record(item_id, path, entry["kind"], reason, [entry], state="open")
+        host.link_to(rel, self.area.host, data)  # survives a crash; writes still land here
         self._open[ino] = (item_id, "")
 
     def closed(self, ino: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agentfs.proc import running
-from agentfs.trash.area import DATA, META, _alive, _parse, _writer_of
+from agentfs.trash.area import DATA, META, _alive, _parse, _writer_of, never_taken
 from agentfs.workflow.fsck import Checker
 
 GAP_OP = "audit_gap"  # an event fsck writes to put a gap in the sequence on record
@@ -57,7 +57,8 @@ def check_trash(chk: Checker) -> None:
     chk.count("trash records", len(records))
     # records a dead writer's journal holds become files at repair; check them too
     for item_id, meta in dead.items():
-        records.setdefault(item_id, meta)
+        if not never_taken(items, item_id, meta):  # repair (recovery) drops those
+            records.setdefault(item_id, meta)
     for item_id, meta in sorted(records.items()):
         held = any(e.get("held") for e in meta.get("entries", ()) if isinstance(e, dict))
         if held and item_id not in data and not meta.get("damaged"):
