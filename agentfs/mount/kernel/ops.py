@@ -15,10 +15,12 @@ takes the engine lock, finishes the request and writes its reply.
 Kernel caching: the daemon is the only writer of the branch (of each view's, per
 process: there the shared root, the names under it and its listing are not cached), so
 entries, attributes and negative lookups are cached for CACHE_TIMEOUT, file pages are
-kept across opens (FOPEN_KEEP_CACHE), the writeback cache is on, and directory
-listings are cached by the kernel (FOPEN_CACHE_DIR): changes made through the mount
-invalidate them in the kernel; a change the daemon makes on its own (trash restore)
-is announced with inval_entry + inval_inode of the parent.
+kept across opens (FOPEN_KEEP_CACHE), and directory listings are cached by the kernel
+(FOPEN_CACHE_DIR): changes made through the mount invalidate them in the kernel; a
+change the daemon makes on its own (trash restore) is announced with inval_entry +
+inval_inode of the parent.  Files the branch owns are passed through to their host
+files where the kernel can (`kernel.passthrough`: no READ/WRITE requests for them);
+otherwise the writeback cache is on.
 """
 
 from __future__ import annotations

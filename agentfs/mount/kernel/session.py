@@ -80,7 +80,9 @@ MNT_DETACH: Final = 2
 # small files two requests (the partial last page read before an append, the times
 # at close): off (AGENTFS_FUSE_WRITEBACK=0), side by side on the bench, create 2,000
 # files 1.79 -> 1.60 s, appends 245 -> 204 ms, but 1 MiB writes 150 -> 164 ms and
-# 4 KiB writes become a request each (dd bs=4k of 64 MiB: 0.11 s with it), so it stays.
+# 4 KiB writes become a request each (dd bs=4k of 64 MiB: 0.11 s with it), so it stays,
+# unless FUSE passthrough is agreed (kernel.passthrough), which the kernel allows only
+# without it: the branch's own files then take no requests at all.
 # Not DONT_MASK: with it the kernel leaves the caller's umask to the filesystem (a file
 # made under umask 022 came out 0666); without it modes arrive masked and the daemon
 # (umask 0) creates them as they are.  HANDLE_KILLPRIV_V2: the kernel tells us when
