@@ -395,6 +395,31 @@ def probe_user_namespaces() -> Check:
                                      "container: an unconfined seccomp profile)")
 
 
+def probe_passthrough() -> Check:
+    """FUSE passthrough (the kernel front end): a speed-up, so no feature needs it; the
+    kernel's build option (CONFIG_FUSE_PASSTHROUGH) shows only in a mount's INIT."""
+    from agentfs.mount.kernel import passthrough
+
+    name = "FUSE passthrough"
+    if not _linux():
+        return _not_applicable(name, "Linux")
+    release = passthrough.kernel_release()
+    consequence = ("the kernel front end reads and writes the branch's own files through "
+                   "the daemon (with the writeback cache) instead of straight from them")
+    if passthrough.turned_off():
+        return Check(name, MISSING, f"turned off ({passthrough.OFF_KNOB}=0)", consequence,
+                     f"unset {passthrough.OFF_KNOB}")
+    if release < passthrough.SINCE:
+        return Check(name, MISSING, f"Linux {release[0]}.{release[1]} has none (6.9 and "
+                     "later have it)", consequence, "run a Linux 6.9 or later kernel")
+    if not passthrough.may_register():
+        return Check(name, MISSING, "no CAP_SYS_ADMIN in the initial user namespace, which "
+                     "registering a backing file needs", consequence,
+                     "run agentfs mount as root on the host (in a container: --privileged)")
+    return Check(name, OK, f"Linux {release[0]}.{release[1]}, CAP_SYS_ADMIN (used when the "
+                 "kernel was built with it)")
+
+
 # -- macOS --------------------------------------------------------------------------
 def probe_fuse_t() -> Check:
     name = "FUSE-T"
@@ -453,6 +478,7 @@ def probes(pinned: str, per_process: str) -> list[Callable[[], Check]]:
         lambda: probe_namespace("pid"),
         lambda: probe_namespace("network"),
         probe_user_namespaces,
+        probe_passthrough,
         probe_fuse_t,
         probe_sandbox_exec,
     ]

@@ -35,8 +35,8 @@ def passes_through(impl: str = DEFAULT_IMPL) -> bool:
     itself (FUSE passthrough: the kernel front end, Linux 6.9+, CAP_SYS_ADMIN)."""
     from agentfs.mount.kernel import passthrough
 
-    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
-    return impl == "kernel" and release >= (6, 9) and passthrough.wanted()
+    return (impl == "kernel" and passthrough.kernel_release() >= passthrough.SINCE
+            and passthrough.wanted())
 
 
 def fuse_problem() -> str | None:

@@ -20,7 +20,7 @@ from agentfs.errors import EXIT_MOUNT, EXIT_OK
 
 NAMES = {"front end", "FUSE device", "fusermount3", "libfuse3", "pyfuse3", "trio", "mfusepy",
          "root", "mount namespaces", "pid namespaces", "network namespaces",
-         "user namespaces", "FUSE-T", "sandbox-exec"}
+         "user namespaces", "FUSE passthrough", "FUSE-T", "sandbox-exec"}
 KEYS = {"name", "status", "ok", "detail", "consequence", "fix", "needed_for"}
 LINUX = sys.platform.startswith("linux")
 
@@ -83,7 +83,8 @@ def test_doctor_on_this_machine(home: Path) -> None:
     assert "kernel (mount --branch), kernel (mount --per-process)" in found["front end"]
     for name in ("FUSE-T", "sandbox-exec"):
         assert "not applicable  macOS only" in found[name]
-    assert "consequence:" not in res.stdout  # nothing missing
+    # nothing missing (passthrough only on Linux 6.9+: a speed-up, reported, not needed)
+    assert res.stdout.count("consequence:") == (not capabilities.probe_passthrough().ok)
     assert lines[-1] == "ready: everything agentfs uses is here"
 
 
@@ -110,6 +111,7 @@ def test_doctor_json_has_every_check(home: Path) -> None:
     assert row(report, "mount namespaces")["status"] == "ok"
     assert row(report, "mount namespaces")["needed_for"] == ["run"]
     assert row(report, "user namespaces")["needed_for"] == []  # agentfs does not use them
+    assert row(report, "FUSE passthrough")["needed_for"] == []  # a speed-up
     assert row(report, "FUSE-T")["status"] == "not applicable"
     assert row(report, "sandbox-exec")["status"] == "not applicable"
     # the kernel front end is the default for both: pyfuse3 and trio only serve --impl
@@ -304,3 +306,12 @@ def test_mount_check_passes_here() -> None:
 
     lifecycle.check_fuse()
     assert capabilities.report().ok
+
+
+def test_doctor_reports_passthrough_turned_off(home: Path) -> None:
+    fully_equipped()
+    code, report = doctor_json(home, {"AGENTFS_FUSE_PASSTHROUGH": "0"})
+    assert code == EXIT_OK and report["ok"] is True  # a speed-up: mounts work without it
+    pt = row(report, "FUSE passthrough")
+    assert (pt["status"], pt["detail"]) == ("missing", "turned off (AGENTFS_FUSE_PASSTHROUGH=0)")
+    assert "through the daemon" in pt["consequence"] and pt["fix"]

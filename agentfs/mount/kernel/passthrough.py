@@ -36,15 +36,30 @@ log = logging.getLogger(__name__)
 
 CAP_SYS_ADMIN: Final = 21
 MAX_STACK_DEPTH: Final = 1  # backing files on a plain filesystem; agentfs stackable once
+SINCE: Final = (6, 9)       # the first Linux with FUSE passthrough
+OFF_KNOB: Final = "AGENTFS_FUSE_PASSTHROUGH"
 
 
 def wanted() -> bool:
     """Whether to ask the kernel for passthrough: allowed (AGENTFS_FUSE_PASSTHROUGH is
     not 0) and possible (the daemon may register backing files)."""
-    return os.environ.get("AGENTFS_FUSE_PASSTHROUGH", "") != "0" and _may_register()
+    return not turned_off() and may_register()
 
 
-def _may_register() -> bool:
+def turned_off() -> bool:
+    return os.environ.get(OFF_KNOB, "") == "0"
+
+
+def kernel_release() -> tuple[int, int]:
+    """(major, minor) of the running Linux, (0, 0) when unreadable."""
+    parts = os.uname().release.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return 0, 0
+
+
+def may_register() -> bool:
     """CAP_SYS_ADMIN in the initial user namespace, which FUSE_DEV_IOC_BACKING_OPEN
     checks: the effective set has it and this is not a user namespace."""
     try:
