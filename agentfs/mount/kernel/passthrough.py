@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 from typing import Final
 
 from agentfs.mount.kernel import proto as p
@@ -52,11 +53,8 @@ def turned_off() -> bool:
 
 def kernel_release() -> tuple[int, int]:
     """(major, minor) of the running Linux, (0, 0) when unreadable."""
-    parts = os.uname().release.split(".")
-    try:
-        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
-    except (IndexError, ValueError):
-        return 0, 0
+    found = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def may_register() -> bool:
