@@ -133,24 +133,37 @@ def test_pending_items_are_visible_to_another_reader(st: Store1) -> None:
     again.close()
 
 
+def _killed_writer(s: Store1, data: bytes, steps: str) -> subprocess.CompletedProcess[str]:
+    """Run a real process on *s*'s branch b: it creates own.txt holding *data*, then runs
+    *steps* (Python, with os, signal, trash and ov at hand), which end in its SIGKILL;
+    *s* gets a fresh Store afterwards."""
+    s.store.close()
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from agentfs.branches.store import Store
+        from agentfs.mount.view import open_branch_view
+        from agentfs.trash.service import Trash
+        store = Store(Path({str(s.store.root)!r}))
+        trash = Trash(store)
+        ov = open_branch_view(store, "b")
+        ov.trash = trash.sink("b")
+        fh, _ = ov.create("own.txt", os.O_WRONLY, 0o644, 0, 0)
+        ov.write(fh, 0, {data!r})
+        ov.release(fh)
+    """) + textwrap.dedent(steps)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ))
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    s.store = Store(s.store.root)
+    return res
+
+
 def test_a_dead_writers_journal_is_read_then_recovered(tmp_path: Path) -> None:
     """A real process deletes things and is SIGKILLed before writing any record file."""
     s = Store1(tmp_path)
     try:
-        s.store.close()
-        script = textwrap.dedent(f"""
-            import os, signal
-            from pathlib import Path
-            from agentfs.branches.store import Store
-            from agentfs.mount.view import open_branch_view
-            from agentfs.trash.service import Trash
-            store = Store(Path({str(s.store.root)!r}))
-            trash = Trash(store)
-            ov = open_branch_view(store, "b")
-            ov.trash = trash.sink("b")
-            fh, _ = ov.create("own.txt", os.O_WRONLY, 0o644, 0, 0)
-            ov.write(fh, 0, b"branch data\\n")
-            ov.release(fh)
+        res = _killed_writer(s, b"branch data\n", """
             ov.unlink("own.txt")
             ov.unlink("keep.txt")
             ov.remove_tree("proj/d1")
@@ -158,11 +171,7 @@ def test_a_dead_writers_journal_is_read_then_recovered(tmp_path: Path) -> None:
             print(len(trash.area.pending()), flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         """)
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             timeout=60, env=dict(os.environ))
-        assert res.returncode == -signal.SIGKILL, res.stderr
         assert res.stdout.strip() == "4"
-        s.store = Store(s.store.root)
         assert s.record_files() == [] and len(s.journals()) == 1
         reader = TrashArea(s.store.root)
         before = {i.id: i.meta for i in reader.items()}   # visible before any recovery
@@ -347,21 +356,8 @@ def test_a_deletion_killed_at_its_trash_link_loses_nothing(tmp_path: Path, dies:
     deletion took that link for a second name of the file and kept nothing.)"""
     s = Store1(tmp_path)
     try:
-        s.store.close()
-        script = textwrap.dedent(f"""
-            import os, signal
-            from pathlib import Path
-            from agentfs.branches.store import Store
-            from agentfs.mount.view import open_branch_view
+        _killed_writer(s, b"first\n", f"""
             from agentfs.overlay.hostio import HostDir
-            from agentfs.trash.service import Trash
-            store = Store(Path({str(s.store.root)!r}))
-            trash = Trash(store)
-            ov = open_branch_view(store, "b")
-            ov.trash = trash.sink("b")
-            fh, _ = ov.create("own.txt", os.O_WRONLY, 0o644, 0, 0)
-            ov.write(fh, 0, b"first\\n")
-            ov.release(fh)
             link = HostDir.link_to
             def dying_link(*args, **kwargs):
                 if {dies!r} == "after":
@@ -370,10 +366,6 @@ def test_a_deletion_killed_at_its_trash_link_loses_nothing(tmp_path: Path, dies:
             HostDir.link_to = dying_link
             ov.unlink("own.txt")
         """)
-        res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                             timeout=60, env=dict(os.environ))
-        assert res.returncode == -signal.SIGKILL, res.stderr
-        s.store = Store(s.store.root)
         finalize_stale(s.trash.area, 0)  # what a mount does first
         assert s.journals() == []
         assert len(s.record_files()) == (dies == "after")
