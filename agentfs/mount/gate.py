@@ -101,13 +101,14 @@ class Gate:
             sid, sha = self.guard.caller_facts(pid) if self.guard is not None else ("", "")
             self.io[fh] = HandleIO(path, pid, uid, sid, sha)
 
-    def passed_through(self, fh: int, fd: int, writable: bool) -> None:
+    def passed_through(self, fh: int, fd: int, st: os.stat_result | None) -> None:
         """The kernel does *fh*'s reads and writes itself (FUSE passthrough): none can be
-        counted.  A writer's file (host fd *fd*) is looked at now and at release, so the
-        audit still records that the handle wrote."""
+        counted.  A writer's file (host fd *fd*, *st* its fstat at open; None for a
+        reader) is looked at again at release, so the audit still records that the
+        handle wrote."""
         io = self.io.get(fh)
-        if io is not None and writable:
-            io.fd, io.before = fd, _written_stamp(fd)
+        if io is not None and st is not None:
+            io.fd, io.before = fd, _written_stamp(st)
 
     def read(self, fh: int, n: int) -> None:
         io = self.io.get(fh)
@@ -127,13 +128,12 @@ class Gate:
         if io is not None and self.recorder is not None:
             if io.before is not None:
                 try:
-                    io.unseen_write = _written_stamp(io.fd) != io.before
+                    io.unseen_write = _written_stamp(os.fstat(io.fd)) != io.before
                 except OSError:
                     io.unseen_write = True
             self.recorder.handle_closed(io)
 
 
-def _written_stamp(fd: int) -> tuple[int, int, int]:
+def _written_stamp(st: os.stat_result) -> tuple[int, int, int]:
     """What a write changes: size, mtime and ctime."""
-    st = os.fstat(fd)
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns

@@ -629,12 +629,14 @@ class KernelOperations:
         the daemon's privilege, so the bits a write by another user must drop would stay
         (through the daemon, the write's KILL_SUIDGID flag drops them)."""
         h = self.ov.handles[fh]
-        writable = h.flags & _ACCMODE != os.O_RDONLY
-        may_pass = h.on_top and self.backings.on and not (
-            writable and os.fstat(h.fd).st_mode & (stat.S_ISUID | stat.S_ISGID))
+        may_pass = h.on_top and self.backings.on
+        st = (os.fstat(h.fd) if may_pass and h.flags & _ACCMODE != os.O_RDONLY
+              else None)  # a writer's: its mode now, its size and times for the audit
+        if st is not None and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            may_pass = False
         flags, backing = self.backings.open_flags(fh, nodeid, h.fd, may_pass)
         if backing:
-            self.gate.passed_through(fh, h.fd, writable)
+            self.gate.passed_through(fh, h.fd, st)
         return flags, backing
 
     def _kill_suid_fh(self, fh: int, nodeid: int) -> None:

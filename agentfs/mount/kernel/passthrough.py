@@ -88,10 +88,11 @@ class Backings:
 
     def open_flags(self, fh: int, nodeid: int, fd: int, may_pass: bool) -> tuple[int, int]:
         """(open flags, backing id) for the reply to a new handle *fh* of *nodeid*, whose
-        host file is open as *fd*; *may_pass*: the host file is the branch's own and the
-        handle may bypass the daemon (a node already passed through is regardless)."""
+        host file is open as *fd*; *may_pass*: passthrough is on, the host file is the
+        branch's own and the handle may bypass the daemon (a node already passed
+        through is regardless)."""
         entry = self._passed.get(nodeid)
-        if entry is None and may_pass and self.on and not self._cached.get(nodeid):
+        if entry is None and may_pass and not self._cached.get(nodeid):
             backing = self._register(fd)
             if backing > 0:
                 entry = self._passed[nodeid] = [backing, 0]
