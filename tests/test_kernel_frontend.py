@@ -170,3 +170,42 @@ def test_readahead_window_is_one_mebibyte(tmp_path: Path) -> None:
         knob = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
         assert int(knob.read_text()) == READAHEAD_KIB
         assert (mb.mountpoint / "big").read_bytes() == (base / "big").read_bytes()
+
+
+def test_large_reads_outside_the_engine_lock(tmp_path: Path) -> None:
+    """READs of 128 KiB and more read without the engine lock, on their own duplicate of
+    the handle's fd: data stays right under concurrent readers and a copy-up in the
+    middle of a read (which closes the handle's own fd), and the audit counts it all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agentfs.audit.log import query
+
+    base = tmp_path / "base"
+    base.mkdir()
+    data = os.urandom(12 << 20)
+    (base / "big.bin").write_bytes(data)
+    newer = os.urandom(len(data))
+    with mounted_branch(base, tmp_path, "b", impl="kernel") as mb:
+        path = mb.mountpoint / "big.bin"
+
+        def read_at(offset: int) -> bool:
+            with open(path, "rb", buffering=0) as fh:
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # no cached pages
+                return os.pread(fh.fileno(), 1 << 20, offset) == data[offset:offset + (1 << 20)]
+
+        assert path.read_bytes() == data
+        offsets = [(i * 7919 * 4096) % (len(data) - (1 << 20)) for i in range(48)]
+        with ThreadPoolExecutor(6) as pool:
+            assert all(pool.map(read_at, offsets))
+        with open(path, "rb", buffering=0) as reader:
+            os.posix_fadvise(reader.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            half = len(data) // 2
+            assert reader.read(half) == data[:half]
+            with open(path, "r+b", buffering=0) as writer:  # copies up; re-points reader
+                writer.write(newer)
+            assert reader.read() == newer[half:]
+        assert path.read_bytes() == newer
+        mb.unmount()
+        reads = [e for e in query(mb.store) if e["op"] == "read" and e["path"] == "big.bin"]
+    assert sum(e["bytes"] for e in reads) >= 2 * len(data) + 48 * (1 << 20)
+    assert (base / "big.bin").read_bytes() == data

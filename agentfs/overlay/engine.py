@@ -1138,6 +1138,10 @@ class Overlay:
     def read(self, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self.handles[fh].fd, size, offset)
 
+    def read_fd(self, fh: int) -> int:
+        """The host fd that reads *fh* now (a copy-up may replace and close it later)."""
+        return self.handles[fh].fd
+
     def write(self, fh: int, offset: int, data: bytes) -> int:
         h = self.handles[fh]
         if not self._writable(h):

@@ -19,14 +19,14 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 from agentfs.audit.recorder import Recorder
 from agentfs.branches.store import Store
 from agentfs.errors import FsError, UserError
 from agentfs.mount.kernel import proto as p
 from agentfs.mount.kernel.ops import KernelOperations, forget_each
-from agentfs.mount.kernel.session import Handler, RequestBuffer, Session
+from agentfs.mount.kernel.session import Handler, Reply, RequestBuffer, Session
 from agentfs.mount.perprocess import BranchViews, GuardFactory
 from agentfs.mount.sessions import SessionTable
 from agentfs.overlay.inodes import ROOT_INO
@@ -143,8 +143,7 @@ class KernelPerProcess(BranchViews):
     def _router(self, opcode: int) -> Handler:
         tables, route = self._tables, self._route
 
-        def run(n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int
-                ) -> bytes | list[Any] | None:
+        def run(n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
             slot, local = route(opcode, nodeid, pid)
             handler = tables[slot][opcode]
             assert handler is not None
