@@ -102,6 +102,7 @@ class Overlay:
         self.lock_fd: int | None = None       # the branch lock of whoever serves it
         self._reason = "unlink"
         self._kept_fd: int | None = None  # see _copy_up(keep=True)
+        self._kept_st: os.stat_result | None = None  # the copy's lstat, if _copy_up made one
         self._reapers: list[Reaper] = []  # one per work area this view has had
         self._prepare_work()
 
@@ -144,11 +145,13 @@ class Overlay:
             raise FsError(self._missing_errno(path), path)
         return loc
 
-    def _invalidate(self, path: str, subtree: bool = False, dirs: bool = True) -> None:
+    def _invalidate(self, path: str, subtree: bool = False, dirs: bool = True,
+                    exists: bool | None = None) -> None:
         """Forget cached lookups of *path* after a change.  The parent's cached listing
         is brought up to date rather than dropped (`rm -rf` would otherwise list a
         directory again after every unlink, to count its subdirectories); its link
-        count is dropped unless the caller knows no directory came or went (*dirs*)."""
+        count is dropped unless the caller knows no directory came or went (*dirs*).
+        *exists*: whether *path* shows something now, if the caller knows (no lstat)."""
         self.resolver.invalidate(path, subtree)
         if subtree:
             self._dir_nlink.clear()
@@ -159,7 +162,7 @@ class Overlay:
             self._dir_nlink.pop(parent, None)
         listing = self._listings.get(parent)
         if listing is not None:
-            if self.resolver.locate(path) is not None:
+            if exists if exists is not None else self.resolver.locate(path) is not None:
                 listing.setdefault(name, None)
             else:
                 listing.pop(name, None)
@@ -358,7 +361,9 @@ class Overlay:
     def _copy_up(self, path: str, with_data: bool = True, keep: bool = False) -> Loc:
         """Bring a non-directory into the top layer; returns its new location.  *keep*:
         a regular file's copy stays open (read-write) as `_kept_fd`, for the caller to
-        take over (a copy-up for a writer: the handle needs no open of its own)."""
+        take over (a copy-up for a writer: the handle needs no open of its own), and
+        the copy's lstat after the rename as `_kept_st` (None if it made none)."""
+        self._kept_st = None
         loc = self._locate(path)
         if loc.layer == 0:
             return loc
@@ -396,8 +401,11 @@ class Overlay:
             else:
                 with self._parent_times_kept(path):
                     self.work.rename_to(tmp, self.tree, path, dirs=False)
-                self._invalidate(path)
-            new = self._locate(path)
+                self._invalidate(path, dirs=False, exists=True)
+            found, self._kept_st = self.resolver.locate_fresh(path)
+            if found is None:
+                raise FsError(self._missing_errno(path), path)
+            new = found
             self._repoint_handles(ino, new)
         except BaseException:
             if fd is not None:
@@ -1102,9 +1110,10 @@ class Overlay:
             loc = self._copy_up(path, with_data=not flags & os.O_TRUNC,
                                 keep=flags & _ACCMODE != os.O_RDONLY)
             fd, self._kept_fd = self._kept_fd, None
+            st, self._kept_st = self._kept_st, None
             if fd is not None:  # the copy's own fd (read-write) becomes the handle's
                 try:
-                    attr = self._attr(path, loc)
+                    attr = self._attr(path, loc, st)  # st: taken after the rename
                 except BaseException:
                     os.close(fd)
                     raise
