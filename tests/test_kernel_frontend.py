@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import is_mounted, mounted_branch, per_process_mount, run_cli
+from mountutil import cli_env, is_mounted, mounted_branch, per_process_mount, run_cli
 
 from agentfs.mount.kernel import proto
 from agentfs.proc import running
@@ -209,3 +209,28 @@ def test_large_reads_outside_the_engine_lock(tmp_path: Path) -> None:
         reads = [e for e in query(mb.store) if e["op"] == "read" and e["path"] == "big.bin"]
     assert sum(e["bytes"] for e in reads) >= 2 * len(data) + 48 * (1 << 20)
     assert (base / "big.bin").read_bytes() == data
+
+
+def test_a_listing_after_lookups_keeps_the_kernels_entries(tmp_path: Path) -> None:
+    """READDIRPLUS gives names the kernel has looked up already without attributes
+    (node id 0): their dentries and attributes stay, so nothing is looked up again."""
+    base = tmp_path / "base"
+    (base / "d").mkdir(parents=True)
+    for i in range(50):
+        (base / "d" / f"f{i}").write_text("x" * i)
+    stats = tmp_path / "ops.json"
+    env = {**cli_env(tmp_path / "home"), "AGENTFS_OPSTATS": str(stats)}
+    with mounted_branch(base, tmp_path, "b", env=env, impl="kernel") as mb:
+        d = mb.mountpoint / "d"
+        first = {f"f{i}": os.lstat(d / f"f{i}") for i in range(50)}
+        with os.scandir(d) as it:
+            listed = {e.name: e.stat(follow_symlinks=False) for e in it}
+        again = {name: os.lstat(d / name) for name in first}
+        mb.unmount()
+    counts = {op: v["count"] for op, v in json.loads(stats.read_text()).items()}
+    assert set(listed) == set(first)
+    for name, st in first.items():
+        assert (listed[name].st_size, listed[name].st_ino) == (st.st_size, st.st_ino)
+        assert (again[name].st_size, again[name].st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert counts.get("lookup", 0) <= 51, counts  # d and its 50 files, once each
+    assert counts.get("readdirplus", 0) >= 1, counts

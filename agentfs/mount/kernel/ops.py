@@ -840,6 +840,7 @@ class KernelOperations:
         t = 0 if self.shared_root and not path else self.timeout  # see _entry_timeout
         export = self.export
         restricted = self.gate.path_restricts(pid, "stat")
+        nodes = ov.inodes.nodes
         parts = [b""]
         room = size
         for i in range(start, len(names)):
@@ -855,10 +856,16 @@ class KernelOperations:
             if padded > room:
                 break
             room -= padded
-            if restricted is not None and restricted(child):
-                # the name only (as READDIR gives it): node id 0 makes no dentry, so a
-                # stat of it comes back as a LOOKUP and meets the policy; with the
-                # entry, `ls -la` showed a denied name's attributes
+            node = nodes.get(a.ino)
+            if ((node is not None and node.lookups > 0 and not node.dead
+                 and child in node.paths)
+                    or (restricted is not None and restricted(child))):
+                # the name only (as READDIR gives it): node id 0 makes no dentry.  For a
+                # name the kernel holds already (looked up: `git status` lstats every
+                # file before it lists a directory) that saves the entry's attributes
+                # and a reference to forget later; a denied name's stat comes back as a
+                # LOOKUP and meets the policy (with the entry, `ls -la` showed a denied
+                # name's attributes)
                 parts.append(pack(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                   0, 0, a.ino, cookies[i], len(raw), (a.mode >> 12) & 0xF)
                              + raw + pad[padded - length])
