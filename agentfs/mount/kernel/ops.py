@@ -4,7 +4,8 @@ gate, the guard and the overlay engine, exactly as the pyfuse3 front end does.
 Every handler has one signature, ``(n, unique, nodeid, uid, gid, pid)``, reads its
 arguments from the session's request buffer and returns the whole reply message.
 Handlers run on the request loop's thread under `engine_lock` (the daemon's own
-tasks run on a trio thread and take the same lock).
+tasks run on a trio thread and take the same lock); a large READ finishes its pread
+without it (`session.Unlocked`).
 
 Policy: a check that comes back ALLOWED goes straight on.  A check that asks a
 person (`ask`) must not hold up everybody else: the rest of the request becomes a
