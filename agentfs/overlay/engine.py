@@ -402,10 +402,9 @@ class Overlay:
                 with self._parent_times_kept(path):
                     self.work.rename_to(tmp, self.tree, path, dirs=False)
                 self._invalidate(path, dirs=False, exists=True)
-            found, self._kept_st = self.resolver.locate_fresh(path)
-            if found is None:
+            new, self._kept_st = self.resolver.locate_fresh(path)
+            if new is None:
                 raise FsError(self._missing_errno(path), path)
-            new = found
             self._repoint_handles(ino, new)
         except BaseException:
             if fd is not None:

@@ -58,6 +58,13 @@ class InodeTable:
         node = self.nodes.get(ino)
         return node is not None and bool(node.paths)
 
+    def held(self, ino: int, path: str) -> bool:
+        """Does the kernel hold *ino* under the name *path* (told of it, not forgotten,
+        not removed since)?"""
+        node = self.nodes.get(ino)
+        return (node is not None and node.lookups > 0 and not node.dead
+                and path in node.paths)
+
     def remember(self, ino: int, path: str, count: int = 1) -> int:
         """The kernel holds *count* more references to *ino*, now known as *path*;
         returns the generation to announce it with."""

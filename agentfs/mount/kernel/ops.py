@@ -70,7 +70,9 @@ _LOST_TIMES: Final = p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_CTIME | p.FATTR_LOC
 # smaller one is quicker done under it than handed over (a dup, a close, a lock more)
 UNLOCKED_READ: Final = 128 * 1024
 READ_AHEAD: Final = 4 << 20  # what a sequential large READ asks the host to read next
-
+# what a request asked of a person goes on to: a whole reply, never an Unlocked one
+# (only READ returns those, and a READ asks nobody)
+Answer = bytes | list[Any] | None
 
 
 class Listing:
@@ -361,7 +363,7 @@ class KernelOperations:
 
     # -- policy ---------------------------------------------------------------------------------
     def _go(self, verdict: Verdict, path: str, unique: int, pid: int,
-            then: Callable[[], Reply]) -> Reply:
+            then: Callable[[], Answer]) -> Reply:
         """Go on (*then*), fail, or hand the rest of the request to a waiting thread."""
         if verdict is ALLOWED:
             return then()
@@ -384,10 +386,10 @@ class KernelOperations:
         return None
 
     def _finish_asked(self, waiter: _Waiter, verdict: Verdict, path: str,
-                      then: Callable[[], Reply]) -> None:
+                      then: Callable[[], Answer]) -> None:
         ticket = verdict.ticket
         assert ticket is not None and self.guard is not None and self.session is not None
-        reply: Reply
+        reply: Answer
         try:
             self._wait(waiter, ticket, self.guard.broker)
         except FsError as exc:
@@ -411,11 +413,6 @@ class KernelOperations:
         with self.engine_lock:
             self._waiting.pop(waiter.unique, None)
             self._threads.discard(threading.current_thread())
-        if isinstance(reply, Unlocked):
-            try:
-                reply = reply.finish()
-            except Exception as exc:
-                reply = p.OUT_HEADER.pack(16, -errno_for(exc, "asked request"), waiter.unique)
         if reply is not None:
             self.session.reply(reply)
 
@@ -687,9 +684,9 @@ class KernelOperations:
             data = self.ov.read(fh, offset, size)
             self.gate.read(fh, len(data))
             return self._data(unique, data)
-        ends = self._read_ends
-        sequential = ends.get(fh, 0) - READ_AHEAD <= offset <= ends.get(fh, 0) + READ_AHEAD
-        ends[fh] = offset + size
+        last_end = self._read_ends.get(fh, 0)
+        sequential = last_end - READ_AHEAD <= offset <= last_end + READ_AHEAD
+        self._read_ends[fh] = offset + size
         fd = os.dup(self.ov.read_fd(fh))  # a copy-up may close the handle's own meanwhile
         return Unlocked(lambda: self._read_unlocked(fd, fh, offset, size, unique,
                                                     sequential))
@@ -841,7 +838,7 @@ class KernelOperations:
         t = 0 if self.shared_root and not path else self.timeout  # see _entry_timeout
         export = self.export
         restricted = self.gate.path_restricts(pid, "stat")
-        nodes = ov.inodes.nodes
+        held = ov.inodes.held
         parts = [b""]
         room = size
         for i in range(start, len(names)):
@@ -857,10 +854,7 @@ class KernelOperations:
             if padded > room:
                 break
             room -= padded
-            node = nodes.get(a.ino)
-            if ((node is not None and node.lookups > 0 and not node.dead
-                 and child in node.paths)
-                    or (restricted is not None and restricted(child))):
+            if held(a.ino, child) or (restricted is not None and restricted(child)):
                 # the name only (as READDIR gives it): node id 0 makes no dentry.  For a
                 # name the kernel holds already (looked up: `git status` lstats every
                 # file before it lists a directory) that saves the entry's attributes
@@ -917,7 +911,7 @@ class KernelOperations:
             return p.OUT_HEADER.pack(16, -errno.ENODATA, unique)
         path = self._path(nodeid)
 
-        def then() -> Reply:
+        def then() -> Answer:
             return self._sized(unique, size, self.ov.getxattr(path, os.fsdecode(raw)))
 
         return self._go(self.gate.check_object(pid, uid, ["getxattr"], path), path, unique,
@@ -928,7 +922,7 @@ class KernelOperations:
         the first write, so its xattr names are read now, through the open handle."""
         self._xattr_names[nodeid] = frozenset(os.fsencode(x) for x in self.ov.fh_xattrs(fh))
 
-    def _sized(self, unique: int, size: int, value: bytes) -> Reply:
+    def _sized(self, unique: int, size: int, value: bytes) -> Answer:
         """An xattr value or name list: its size when asked with size 0, ERANGE when it
         does not fit."""
         if size == 0:

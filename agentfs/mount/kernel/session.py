@@ -408,8 +408,8 @@ class Session:
                     if self.debug:
                         log.debug("-> %s #%d node %d: ENOSYS", p.OPCODE_NAMES.get(opcode, opcode),
                                   unique, nodeid)
-                    reply: bytes | list[Any] | Unlocked | None = (None if opcode in no_reply else
-                                                       err(16, -errno.ENOSYS, unique))
+                    reply: Reply = (None if opcode in no_reply else
+                                    err(16, -errno.ENOSYS, unique))
                 else:
                     with lock:
                         if self.buf is not buf:
