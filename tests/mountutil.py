@@ -9,6 +9,7 @@ AGENTFS_REQUIRE_FUSE=1 an unusable FUSE fails the test instead of skipping it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -37,6 +38,18 @@ def passes_through(impl: str = DEFAULT_IMPL) -> bool:
 
     return (impl == "kernel" and passthrough.kernel_release() >= passthrough.SINCE
             and passthrough.wanted())
+
+
+def opstats_env(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A CLI environment whose kernel-front-end daemon counts its requests
+    (AGENTFS_OPSTATS), and the file it writes them to at unmount."""
+    stats = tmp_path / "ops.json"
+    return {**cli_env(tmp_path / "home"), "AGENTFS_OPSTATS": str(stats)}, stats
+
+
+def request_counts(stats: Path) -> dict[str, int]:
+    """Requests per opcode name in an AGENTFS_OPSTATS file (after the unmount)."""
+    return {op: v["count"] for op, v in json.loads(stats.read_text()).items()}
 
 
 def fuse_problem() -> str | None:

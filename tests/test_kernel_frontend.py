@@ -17,7 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from mountutil import cli_env, is_mounted, mounted_branch, per_process_mount, run_cli
+from mountutil import (
+    is_mounted,
+    mounted_branch,
+    opstats_env,
+    per_process_mount,
+    request_counts,
+    run_cli,
+)
 
 from agentfs.mount.kernel import proto
 from agentfs.proc import running
@@ -218,8 +225,7 @@ def test_a_listing_after_lookups_keeps_the_kernels_entries(tmp_path: Path) -> No
     (base / "d").mkdir(parents=True)
     for i in range(50):
         (base / "d" / f"f{i}").write_text("x" * i)
-    stats = tmp_path / "ops.json"
-    env = {**cli_env(tmp_path / "home"), "AGENTFS_OPSTATS": str(stats)}
+    env, stats = opstats_env(tmp_path)
     with mounted_branch(base, tmp_path, "b", env=env, impl="kernel") as mb:
         d = mb.mountpoint / "d"
         first = {f"f{i}": os.lstat(d / f"f{i}") for i in range(50)}
@@ -227,7 +233,7 @@ def test_a_listing_after_lookups_keeps_the_kernels_entries(tmp_path: Path) -> No
             listed = {e.name: e.stat(follow_symlinks=False) for e in it}
         again = {name: os.lstat(d / name) for name in first}
         mb.unmount()
-    counts = {op: v["count"] for op, v in json.loads(stats.read_text()).items()}
+    counts = request_counts(stats)
     assert set(listed) == set(first)
     for name, st in first.items():
         assert (listed[name].st_size, listed[name].st_ino) == (st.st_size, st.st_ino)

@@ -3,13 +3,12 @@ files itself, and every view of a file stays the same as through the daemon."""
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 from pathlib import Path
 
 import pytest
-from mountutil import cli_env, mounted_branch, passes_through
+from mountutil import cli_env, mounted_branch, opstats_env, passes_through, request_counts
 
 pytestmark = [pytest.mark.mount,
               pytest.mark.skipif(not passes_through("kernel"),
@@ -24,8 +23,7 @@ def _base(tmp_path: Path) -> Path:
 
 
 def test_reads_and_writes_of_the_branchs_files_bypass_the_daemon(tmp_path: Path) -> None:
-    stats = tmp_path / "ops.json"
-    env = {**cli_env(tmp_path / "home"), "AGENTFS_OPSTATS": str(stats)}
+    env, stats = opstats_env(tmp_path)
     with mounted_branch(_base(tmp_path), tmp_path, "b", env=env, impl="kernel") as mb:
         m = mb.mountpoint
         block = os.urandom(1 << 20)
@@ -38,7 +36,7 @@ def test_reads_and_writes_of_the_branchs_files_bypass_the_daemon(tmp_path: Path)
         assert (m / "lower.txt").read_bytes() == b"lower\nmore\n"
         assert (m / "new.bin").stat().st_size == 4 << 20
         mb.unmount()
-    counts = {op: v["count"] for op, v in json.loads(stats.read_text()).items()}
+    counts = request_counts(stats)
     assert "write" not in counts and "read" not in counts, counts
     assert (tmp_path / "base/lower.txt").read_bytes() == b"lower\n"
 
