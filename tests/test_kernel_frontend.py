@@ -240,3 +240,41 @@ def test_a_listing_after_lookups_keeps_the_kernels_entries(tmp_path: Path) -> No
         assert (again[name].st_size, again[name].st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     assert counts.get("lookup", 0) <= 51, counts  # d and its 50 files, once each
     assert counts.get("readdirplus", 0) >= 1, counts
+
+
+def test_small_base_files_reach_the_kernel_at_open(tmp_path: Path) -> None:
+    """A small base file's content is stored in the kernel's page cache when it is
+    opened for reading: reading it takes no READ request, its bytes are the file's, the
+    audit counts them, and a writer opening it afterwards still makes a reader see the
+    new data; a file above the limit is read through READs as before."""
+    from agentfs.audit.log import query
+    from agentfs.mount.kernel.ops import STORE_LIMIT
+
+    base = tmp_path / "base"
+    base.mkdir()
+    small = {f"s{i}.txt": os.urandom(100 + 997 * i) for i in range(40)}
+    for name, data in small.items():
+        (base / name).write_bytes(data)
+    big = os.urandom(STORE_LIMIT + 4096)
+    (base / "big.bin").write_bytes(big)
+    (base / "empty").write_bytes(b"")
+    env, stats = opstats_env(tmp_path)
+    with mounted_branch(base, tmp_path, "b", env=env, impl="kernel") as mb:
+        mnt = mb.mountpoint
+        for name, data in small.items():
+            assert (mnt / name).read_bytes() == data
+        assert (mnt / "empty").read_bytes() == b""
+        with open(mnt / "s1.txt", "rb", buffering=0) as reader:
+            assert reader.read(10) == small["s1.txt"][:10]
+            with open(mnt / "s1.txt", "r+b") as writer:  # copy-up while a reader is open
+                writer.write(b"NEW")
+            assert reader.read() == small["s1.txt"][10:]
+            os.lseek(reader.fileno(), 0, os.SEEK_SET)
+            assert reader.read(3) == b"NEW"
+        assert (mnt / "big.bin").read_bytes() == big
+        mb.unmount()
+        reads = {e["path"]: e["bytes"] for e in query(mb.store) if e["op"] == "read"}
+    counts = request_counts(stats)
+    assert 1 <= counts.get("read", 0) <= 4, counts  # big.bin's only
+    assert reads["s3.txt"] == len(small["s3.txt"])
+    assert (base / "s1.txt").read_bytes() == small["s1.txt"]

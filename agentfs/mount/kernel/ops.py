@@ -17,7 +17,9 @@ Kernel caching: the daemon is the only writer of the branch (of each view's, per
 process: there the shared root, the names under it and its listing are not cached), so
 entries, attributes and negative lookups are cached for CACHE_TIMEOUT, file pages are
 kept across opens (FOPEN_KEEP_CACHE), and directory listings are cached by the kernel
-(FOPEN_CACHE_DIR): changes made through the mount invalidate them in the kernel; a
+(FOPEN_CACHE_DIR), and a small base file's content is stored into the kernel's pages
+when it is opened for reading (NOTIFY_STORE, `_store_small`): its reads never come
+here.  Changes made through the mount invalidate them in the kernel; a
 change the daemon makes on its own (trash restore) is announced with inval_entry +
 inval_inode of the parent.  Files the branch owns are passed through to their host
 files where the kernel can (`kernel.passthrough`: no READ/WRITE requests for them);
@@ -69,6 +71,8 @@ _LOST_TIMES: Final = p.FATTR_ATIME | p.FATTR_MTIME | p.FATTR_CTIME | p.FATTR_LOC
 # READs of at least this many bytes read without the engine lock (session.Unlocked); a
 # smaller one is quicker done under it than handed over (a dup, a close, a lock more)
 UNLOCKED_READ: Final = 128 * 1024
+STORE_LIMIT: Final = 128 * 1024  # files up to this size go to the kernel at open
+STORE_KNOB: Final = "AGENTFS_FUSE_STORE"  # =0: never (for measuring, see _store_small)
 READ_AHEAD: Final = 4 << 20  # what a sequential large READ asks the host to read next
 # what a request asked of a person goes on to: a whole reply, never an Unlocked one
 # (only READ returns those, and a READ asks nobody)
@@ -186,6 +190,8 @@ class KernelOperations:
         self._next_dir = dir_handles
         self._waiting: dict[int, _Waiter] = {}
         self._read_ends: dict[int, int] = {}  # fh: where its last large READ ended
+        self._stored: set[int] = set()  # node ids whose data the kernel got at open
+        self._store = os.environ.get(STORE_KNOB, "") != "0"
         self._threads: set[threading.Thread] = set()
         self._setxattr_ext = False
         self._killpriv_v2 = False
@@ -466,6 +472,7 @@ class KernelOperations:
         self.ov.forget(nodeid, count)
         if not self.ov.inodes.referenced(nodeid):
             self._xattr_names.pop(nodeid, None)
+            self._stored.discard(nodeid)
             self.backings.forget(nodeid)
 
     def forget(self, n: int, unique: int, nodeid: int, uid: int, gid: int, pid: int) -> Reply:
@@ -621,7 +628,11 @@ class KernelOperations:
                 self._remember_xattrs(nodeid, fh)
             if open_flags & p.OPEN_KILL_SUIDGID and self._killpriv_v2:
                 self._kill_suid_fh(fh, nodeid)
-            return p.OPEN_OUT.pack(32, 0, unique, fh, *self._io_mode(fh, nodeid))
+            mode, backing = self._io_mode(fh, nodeid)
+            if (mode == p.FOPEN_KEEP_CACHE and self._store and nodeid not in self._stored
+                    and flags & (_ACCMODE | os.O_DIRECT) == os.O_RDONLY):
+                self._store_small(fh, nodeid)
+            return p.OPEN_OUT.pack(32, 0, unique, fh, mode, backing)
 
         ops = open_ops(flags)
         if not ops:
@@ -645,6 +656,25 @@ class KernelOperations:
         if backing:
             self.gate.passed_through(fh, h.fd, st)
         return flags, backing
+
+    def _store_small(self, fh: int, nodeid: int) -> None:
+        """A small file of a frozen layer, opened for reading: its whole content goes
+        into the kernel's page cache now (NOTIFY_STORE, before the OPEN reply), so
+        its reads take no READ request.  Reading a tree (grep, compileall) paid a
+        round trip per file for what is one pread here: side by side on the bench
+        (AGENTFS_BENCH_ENV=AGENTFS_FUSE_STORE=0 for the old way), grep -r over 3,000
+        base files 780 -> 637 ms, its daemon's context switches 20,000 -> 13,500.  Only while this is the
+        inode's one open handle (see `Session.store_now`); the data never changes
+        (a copy-up gives the writer another file), and the kernel keeps it until it
+        forgets the inode (`_stored` until then: larger files are marked too, and
+        skipped).  The audit counts the stored bytes as the handle's read."""
+        h = self.ov.handles[fh]
+        self._stored.add(nodeid)
+        if (h.on_top or self.session is None or self.backings.cached_opens(nodeid) != 1):
+            return
+        data = os.pread(h.fd, STORE_LIMIT + 1, 0)
+        if 0 < len(data) <= STORE_LIMIT and self.session.store_now(nodeid, data):
+            self.gate.read(fh, len(data))
 
     def _kill_suid_fh(self, fh: int, nodeid: int) -> None:
         """A write or O_TRUNC by a caller without CAP_FSETID (HANDLE_KILLPRIV_V2): drop

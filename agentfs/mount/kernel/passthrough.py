@@ -108,6 +108,10 @@ class Backings:
             return 0, 0
         return p.FOPEN_KEEP_CACHE, 0
 
+    def cached_opens(self, nodeid: int) -> int:
+        """How many cached-mode handles of *nodeid* are open."""
+        return self._cached.get(nodeid, 0)
+
     def nodes(self) -> set[int]:
         """The node ids with passed-through open handles."""
         return set(self._passed)

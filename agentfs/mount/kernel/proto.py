@@ -83,6 +83,7 @@ NO_REPLY: Final = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 # -- notifications (written with unique 0 and the code in the error field) -----------------
 NOTIFY_INVAL_INODE: Final = 2
 NOTIFY_INVAL_ENTRY: Final = 3
+NOTIFY_STORE: Final = 4
 
 # -- INIT flags -----------------------------------------------------------------------------
 ASYNC_READ: Final = 1 << 0
@@ -184,6 +185,7 @@ INIT_OUT: Final = Struct("=IiQ" "IIIIHHIIHHII24x")   # + major minor max_readahe
 LSEEK_OUT: Final = Struct("=IiQ" "Q")                # + offset
 NOTIFY_INVAL_INODE_OUT: Final = Struct("=IiQ" "Qqq")  # + ino off len
 NOTIFY_INVAL_ENTRY_OUT: Final = Struct("=IiQ" "QII")  # + parent namelen flags; name NUL
+NOTIFY_STORE_OUT: Final = Struct("=IiQ" "QQII")  # + nodeid offset size padding; data
 
 # -- /dev/fuse ioctls (passthrough) -------------------------------------------------------------
 BACKING_MAP: Final = Struct("=iIQ")                   # fd flags padding

@@ -271,6 +271,21 @@ class Session:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.warning("FUSE notification failed: %s", exc)
 
+    def store_now(self, ino: int, data: bytes) -> bool:
+        """Put *data* into the kernel's page cache of *ino* from offset 0 (NOTIFY_STORE),
+        before the reply that follows; False if the kernel refused.  Only safe while no
+        file of *ino* is open: a READ in flight holds the page lock the store waits
+        for, and its reply may need the engine lock the caller holds."""
+        try:
+            os.writev(self.fd, [p.NOTIFY_STORE_OUT.pack(
+                p.NOTIFY_STORE_OUT.size + len(data), p.NOTIFY_STORE, 0, ino, 0, len(data),
+                0), data])
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("FUSE notification failed: %s", exc)
+            return False
+        return True
+
     def _notify_loop(self) -> None:
         while True:
             message = self._notes.get()
@@ -339,7 +354,6 @@ class Session:
             table[:] = [None if h is None else _timed(op, h, stats)
                         for op, h in enumerate(table)]
         threads = _thread_count()
-        own = self.buf  # taken before the others start: each sets self.buf to its own
         own = self.buf  # before the other threads start: they rebind self.buf
         others = [threading.Thread(target=self._serve_logged,
                                    args=(table, request_buffer()),
