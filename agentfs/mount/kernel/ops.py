@@ -663,14 +663,15 @@ class KernelOperations:
         its reads take no READ request.  Reading a tree (grep, compileall) paid a
         round trip per file for what is one pread here: side by side on the bench
         (AGENTFS_BENCH_ENV=AGENTFS_FUSE_STORE=0 for the old way), grep -r over 3,000
-        base files 780 -> 637 ms, its daemon's context switches 20,000 -> 13,500.  Only while this is the
-        inode's one open handle (see `Session.store_now`); the data never changes
-        (a copy-up gives the writer another file), and the kernel keeps it until it
-        forgets the inode (`_stored` until then: larger files are marked too, and
-        skipped).  The audit counts the stored bytes as the handle's read."""
+        base files 780 -> 637 ms, its daemon's context switches 20,000 -> 13,500.
+        Only while this is the inode's one open handle (see `Session.store_now`); the
+        data never changes (a copy-up gives the writer another file), and the kernel
+        keeps it until it forgets the inode (`_stored` until then: larger files are
+        marked too, and skipped).  The audit counts the stored bytes as the handle's
+        read."""
         h = self.ov.handles[fh]
         self._stored.add(nodeid)
-        if (h.on_top or self.session is None or self.backings.cached_opens(nodeid) != 1):
+        if h.on_top or self.session is None or self.backings.cached_opens(nodeid) != 1:
             return
         data = os.pread(h.fd, STORE_LIMIT + 1, 0)
         if 0 < len(data) <= STORE_LIMIT and self.session.store_now(nodeid, data):
