@@ -64,8 +64,8 @@ class SessionTable:
         The answer is cached per request pid; for FRESH seconds it is used as is (a pid
         cannot be recycled that fast: the kernel would have to wrap around pid_max),
         after that the process start time is checked again."""
-        if pid <= 0:
-            return None
+        if pid <= 0 or not self.sessions:  # no session at all: nobody is bound (this
+            return None                     # runs for nearly every request)
         now = time.monotonic()
         fresh = self._fresh.get(pid)
         if fresh is not None and now - fresh[0] < FRESH:

@@ -1240,7 +1240,9 @@ def _dir_times_kept(host: HostDir, rel: str) -> Iterator[None]:
 
 def _check_name(path: str) -> None:
     _, name = split(path)
-    if len(os.fsencode(name)) > NAME_MAX:
+    # a character is at most 4 bytes in UTF-8 (an escaped byte is 1): short names pass
+    # without being encoded
+    if len(name) * 4 > NAME_MAX and len(os.fsencode(name)) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG)
 
 
