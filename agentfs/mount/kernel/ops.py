@@ -673,8 +673,11 @@ class KernelOperations:
         self._stored.add(nodeid)
         if h.on_top or self.session is None or self.backings.cached_opens(nodeid) != 1:
             return
-        data = os.pread(h.fd, STORE_LIMIT + 1, 0)
-        if 0 < len(data) <= STORE_LIMIT and self.session.store_now(nodeid, data):
+        size = os.fstat(h.fd).st_size
+        if not 0 < size <= STORE_LIMIT:
+            return
+        data = os.pread(h.fd, size, 0)
+        if data and self.session.store_now(nodeid, data):
             self.gate.read(fh, len(data))
 
     def _kill_suid_fh(self, fh: int, nodeid: int) -> None:
