@@ -211,12 +211,13 @@ class PerProcessView:
 
 @contextlib.contextmanager
 def per_process_mount(base: Path, workdir: Path, *mount_opts: str,
-                      branch: str = "b", impl: str = "kernel") -> Iterator[PerProcessView]:
+                      branch: str = "b", impl: str = "kernel",
+                      env: dict[str, str] | None = None) -> Iterator[PerProcessView]:
     """A store for *base* with *branch*, mounted per-process at workdir/mnt with
-    *mount_opts* (e.g. --default-branch b, --policy FILE) through front end *impl*;
-    always unmounted."""
+    *mount_opts* (e.g. --default-branch b, --policy FILE) through front end *impl*
+    (*env*: the CLI's environment, with AGENTFS_HOME); always unmounted."""
     require_fuse()
-    env = cli_env(workdir / "home")
+    env = env or cli_env(workdir / "home")
     store, mnt = workdir / "store", workdir / "mnt"
     mnt.mkdir(parents=True)
     init_store(base, store, branch, env["AGENTFS_HOME"])

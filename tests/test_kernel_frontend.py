@@ -278,3 +278,21 @@ def test_small_base_files_reach_the_kernel_at_open(tmp_path: Path) -> None:
     assert 1 <= counts.get("read", 0) <= 4, counts  # big.bin's only
     assert reads["s3.txt"] == len(small["s3.txt"])
     assert (base / "s1.txt").read_bytes() == small["s1.txt"]
+
+
+def test_small_files_reach_each_per_process_view_at_open(tmp_path: Path) -> None:
+    """Per process, the store goes to the view's node as the kernel numbers it
+    (`export`; the view's own number named another node or none): the default
+    branch's view reads its small files' bytes with no READ request."""
+    base = tmp_path / "base"
+    base.mkdir()
+    names = [f"f{i}.txt" for i in range(30)]
+    for i, name in enumerate(names):
+        (base / name).write_bytes(os.urandom(200 + 311 * i))
+    env, stats = opstats_env(tmp_path)
+    with per_process_mount(base, tmp_path / "pp", "--default-branch", "b", env=env) as pp:
+        mnt = pp.mountpoint
+        for name in names:
+            assert (mnt / name).read_bytes() == (base / name).read_bytes()
+    counts = request_counts(stats)
+    assert counts.get("read", 0) <= 2, counts

@@ -668,7 +668,8 @@ class KernelOperations:
         data never changes (a copy-up gives the writer another file), and the kernel
         keeps it until it forgets the inode (`_stored` until then: larger files are
         marked too, and skipped).  The audit counts the stored bytes as the handle's
-        read."""
+        read.  *nodeid* is the view's own (per process, the kernel knows it as
+        `export(nodeid)`)."""
         h = self.ov.handles[fh]
         self._stored.add(nodeid)
         if h.on_top or self.session is None or self.backings.cached_opens(nodeid) != 1:
@@ -677,7 +678,7 @@ class KernelOperations:
         if not 0 < size <= STORE_LIMIT:
             return
         data = os.pread(h.fd, size, 0)
-        if data and self.session.store_now(nodeid, data):
+        if data and self.session.store_now(self.export(nodeid), data):
             self.gate.read(fh, len(data))
 
     def _kill_suid_fh(self, fh: int, nodeid: int) -> None:
