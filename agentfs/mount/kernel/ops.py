@@ -671,9 +671,9 @@ class KernelOperations:
         read.  *nodeid* is the view's own (per process, the kernel knows it as
         `export(nodeid)`)."""
         h = self.ov.handles[fh]
-        self._stored.add(nodeid)
         if h.on_top or self.session is None or self.backings.cached_opens(nodeid) != 1:
-            return
+            return  # tried again at a later open
+        self._stored.add(nodeid)
         size = os.fstat(h.fd).st_size
         if not 0 < size <= STORE_LIMIT:
             return
