@@ -629,8 +629,7 @@ class KernelOperations:
             if open_flags & p.OPEN_KILL_SUIDGID and self._killpriv_v2:
                 self._kill_suid_fh(fh, nodeid)
             mode, backing = self._io_mode(fh, nodeid)
-            if (mode == p.FOPEN_KEEP_CACHE and self._store and nodeid not in self._stored
-                    and flags & (_ACCMODE | os.O_DIRECT) == os.O_RDONLY):
+            if mode == p.FOPEN_KEEP_CACHE and flags & (_ACCMODE | os.O_DIRECT) == os.O_RDONLY:
                 self._store_small(fh, nodeid)
             return p.OPEN_OUT.pack(32, 0, unique, fh, mode, backing)
 
@@ -658,9 +657,10 @@ class KernelOperations:
         return flags, backing
 
     def _store_small(self, fh: int, nodeid: int) -> None:
-        """A small file of a frozen layer, opened for reading: its whole content goes
-        into the kernel's page cache now (NOTIFY_STORE, before the OPEN reply), so
-        its reads take no READ request.  Reading a tree (grep, compileall) paid a
+        """A small file of a frozen layer, opened for reading (a cached-mode handle, not
+        O_DIRECT: the caller checks): its whole content goes into the kernel's page
+        cache now (NOTIFY_STORE, before the OPEN reply), so its reads take no READ
+        request.  Reading a tree (grep, compileall) paid a
         round trip per file for what is one pread here: side by side on the bench
         (AGENTFS_BENCH_ENV=AGENTFS_FUSE_STORE=0 for the old way), grep -r over 3,000
         base files 780 -> 637 ms, its daemon's context switches 20,000 -> 13,500.
@@ -670,8 +670,10 @@ class KernelOperations:
         marked too, and skipped).  The audit counts the stored bytes as the handle's
         read.  *nodeid* is the view's own (per process, the kernel knows it as
         `export(nodeid)`)."""
+        if not self._store or nodeid in self._stored or self.session is None:
+            return
         h = self.ov.handles[fh]
-        if h.on_top or self.session is None or self.backings.cached_opens(nodeid) != 1:
+        if h.on_top or self.backings.cached_opens(nodeid) != 1:
             return  # tried again at a later open
         self._stored.add(nodeid)
         size = os.fstat(h.fd).st_size

@@ -264,22 +264,23 @@ class Session:
         """The kernel forgets *ino*'s cached attributes before the reply that follows
         (offset -1: no pages, so no lock a pending request could hold is taken; safe
         on the loop's thread)."""
-        try:
-            os.write(self.fd, p.NOTIFY_INVAL_INODE_OUT.pack(
-                p.NOTIFY_INVAL_INODE_OUT.size, p.NOTIFY_INVAL_INODE, 0, ino, -1, 0))
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                log.warning("FUSE notification failed: %s", exc)
+        self._notify_now([p.NOTIFY_INVAL_INODE_OUT.pack(
+            p.NOTIFY_INVAL_INODE_OUT.size, p.NOTIFY_INVAL_INODE, 0, ino, -1, 0)])
 
     def store_now(self, ino: int, data: bytes) -> bool:
         """Put *data* into the kernel's page cache of *ino* from offset 0 (NOTIFY_STORE),
         before the reply that follows; False if the kernel refused.  Only safe while no
         file of *ino* is open: a READ in flight holds the page lock the store waits
         for, and its reply may need the engine lock the caller holds."""
+        return self._notify_now([p.NOTIFY_STORE_OUT.pack(
+            p.NOTIFY_STORE_OUT.size + len(data), p.NOTIFY_STORE, 0, ino, 0, len(data), 0),
+            data])
+
+    def _notify_now(self, parts: list[bytes]) -> bool:
+        """Write one notification on this thread; False if the kernel refused it
+        (ENOENT: it holds nothing for the node; ENODEV: unmounted; others are logged)."""
         try:
-            os.writev(self.fd, [p.NOTIFY_STORE_OUT.pack(
-                p.NOTIFY_STORE_OUT.size + len(data), p.NOTIFY_STORE, 0, ino, 0, len(data),
-                0), data])
+            os.writev(self.fd, parts)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.warning("FUSE notification failed: %s", exc)
