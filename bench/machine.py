@@ -119,7 +119,25 @@ def machine_info(root: Path) -> dict[str, Any]:
         "root": str(root),
         "root_fs": root_fs,
         "root_device": device,
+        "root_journal": _ext4_journal(device) if root_fs == "ext4" else None,
     }
+
+
+def _ext4_journal(device: str | None) -> bool | None:
+    """Whether the ext4 holding the scratch has a journal (jbd2 lists one per journaled
+    device).  Without one, ext4 skips inodes freed in the last minute or more when it
+    allocates (`recently_deleted`), so creating files after a mass delete gets slower
+    with every freed inode: why the harness keeps finished runs' files to the end."""
+    if not device or not device.startswith("/dev/"):
+        return None
+    try:
+        journals = os.listdir("/proc/fs/jbd2")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return None
+    name = os.path.basename(os.path.realpath(device))
+    return any(entry.rsplit("-", 1)[0] == name for entry in journals)
 
 
 def tool_versions() -> dict[str, str | None]:

@@ -178,7 +178,8 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
         f"- commit: {repo.get('describe')}{dirty}",
         f"- machine: {m.get('cpu_model')}, {m.get('cpus')} CPUs, {m.get('mem_gib')} GiB RAM; "
         f"{m.get('distro')}, Linux {m.get('kernel')}",
-        f"- --root {m.get('root')} on {m.get('root_fs')} ({m.get('root_device')})",
+        f"- --root {m.get('root')} on {m.get('root_fs')} ({m.get('root_device')}"
+        + {True: ", journaled", False: ", no journal"}.get(m.get("root_journal"), "") + ")",
         f"- load average (1 min) at start {load.get('start')}, at end {load.get('end')}",
         "- versions: "
         + ", ".join(f"{k} {val}" for k, val in v.items() if val is not None),
