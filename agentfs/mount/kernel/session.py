@@ -8,23 +8,29 @@ fsname and subtype agentfs, default_permissions, allow_other when root, nosuid, 
 The loop is plain and blocking: read a request, look its handler up by opcode, run it
 under the engine lock, write the reply with one system call.  It runs on THREADS (8)
 threads, AGENTFS_FUSE_THREADS=N to change (1: a single thread), each with its own
-request buffer (the kernel hands each request to one reader).  Normally all of them wait
-in read(2), so the I/O of writes, creates and copy-ups overlaps.  A burst of BURST (32)
-QUICK requests in a row (lookup, getattr, listings, xattr reads: memory and a system
-call or two), such as git's threaded lstat of its index, switches to reading in turn:
-the thread holding the *reader token* answers a quick request itself and reads the
-next one, while the others wait for the token instead of being woken by the kernel
-for one lookup each and then waking each other for the GIL and the engine lock; the
-first request that is not quick ends the burst and everyone reads again.  Side by
-side on the bench (`python -m bench --only agentfs,agentfs-env`, AGENTFS_BENCH_ENV=
-AGENTFS_FUSE_BURST=0 for all threads reading always, the behaviour before): cold `git
-status` 460 -> 274 ms, warm 46 -> 40 ms, untar 3.10 -> 3.05 s, create 1.52 -> 1.47 s,
-grep 660 -> 672 ms, appends 225 -> 235 ms.  Reading in turn always
-(AGENTFS_FUSE_BURST=1) cost untar 25%, create 15% and grep 35%: every request that
-is not quick then hands the token over, a wake-up more.  (The first version let
-the main thread pick up a buffer another thread had already bound: requests lost,
-fsync hung.  Fixed; since then the 8-worker stress, the mounted behaviour, model,
-policy and live-fork suites pass with 8.)  A handler
+request buffer (the kernel hands each request to one reader).  The threads read *in
+turn*: only the thread holding the reader token waits in read(2); the others wait for
+the token.  The holder answers a request that is quick for the daemon itself and reads
+the next one, so a caller doing one thing after another (an editor saving, `cat`,
+appends, grep) talks to one thread that never sleeps between requests, as a
+single-threaded C server would.  Before a request that may wait for the disk or changes
+the host tree (HANDS_OVER: reads, writes, fsync, creates, deletes, renames, setattr) it
+hands the token to the next thread, which reads on meanwhile: the I/O of writes and
+creates still overlaps.  When every thread waited in read(2) (the kernel wakes the one
+that waited longest, never the one that just replied), each request woke a sleeping
+thread and the GIL and engine lock moved between threads: 6.4 voluntary context
+switches per appended file against fuse-overlayfs' 0.1, which in this VM cost more than
+the copy-up itself.  Side by side on the bench (`python -m bench --only
+fuse-overlayfs,agentfs,agentfs-env`, AGENTFS_BENCH_ENV=AGENTFS_FUSE_TURNS=0 for the
+previous scheme: all threads reading, reading in turn only after 32 lookups in a row):
+appends 133 -> 80 ms, grep 469 -> 398 ms, create 617 -> 582 ms, cold `git status` 222
+-> 213 ms, warm 21 -> 17 ms, rm -rf level, untar 1.80 -> 2.04 s (its creates and
+setattrs each hand over: a wake-up more).  Handing over only before reads, writes and
+fsync cost untar 27% and cold git status 20%.  AGENTFS_FUSE_TURNS=0: every thread
+reads always (the scheme before reading in turn, for comparison).  (A first version of
+reading in turn let the main thread pick up a buffer another thread had already bound:
+requests lost, fsync hung.  Fixed; since then the 8-worker stress, the mounted
+behaviour, model, policy and live-fork suites pass with 8.)  A handler
 returns the whole reply message (out header included) or None when it replies later
 (a request waiting for a person's answer replies from its own thread) or never
 (FORGET).  An exception in a handler is answered with its errno (a bug: logged, EIO);
@@ -96,11 +102,12 @@ WANTED: Final = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES
 THREADS: Final = 8  # request threads; AGENTFS_FUSE_THREADS overrides
 # requests that are answered from memory or a system call or two: the thread that read
 # one answers it and reads the next itself (see the module docstring)
-QUICK: Final = tuple(op in {p.LOOKUP, p.FORGET, p.BATCH_FORGET, p.GETATTR, p.READLINK,
-                            p.OPENDIR, p.READDIR, p.READDIRPLUS, p.RELEASEDIR, p.ACCESS,
-                            p.GETXATTR, p.LISTXATTR, p.STATFS, p.INTERRUPT}
-                     for op in range(p.MAX_OPCODE))
-BURST: Final = 32  # AGENTFS_FUSE_BURST overrides
+# requests that may wait for the disk or change the host tree: the reader token goes
+# to the next thread before one of these is handled (see the module docstring)
+HANDS_OVER: Final = tuple(op in {p.READ, p.WRITE, p.FSYNC, p.FALLOCATE, p.COPY_FILE_RANGE,
+                                 p.CREATE, p.MKDIR, p.MKNOD, p.SYMLINK, p.LINK, p.UNLINK,
+                                 p.RMDIR, p.RENAME, p.RENAME2, p.SETATTR}
+                          for op in range(p.MAX_OPCODE))
 
 Reply: TypeAlias = "bytes | list[Any] | Unlocked | None"
 Handler = Callable[[int, int, int, int, int, int], Reply]
@@ -155,7 +162,6 @@ class Session:
         self.gone = False       # the kernel ended the connection (unmounted)
         self._notes: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._reader = threading.Lock()  # held by the thread reading the next request
-        self.streak = 0  # quick requests in a row (across threads; approximate)
         self._notifier: threading.Thread | None = None
 
     # -- mounting --------------------------------------------------------------------------
@@ -385,20 +391,14 @@ class Session:
         err = p.OUT_HEADER.pack
         no_reply = p.NO_REPLY
         limit = p.MAX_OPCODE
-        token, burst, quick = self._reader, _burst(), QUICK  # burst 0: never in turn
+        token, hands_over = self._reader, HANDS_OVER
+        in_turn = _in_turn()
         held = False
         try:
             while True:
-                if held:
-                    if self.streak < burst:  # the burst is over: everyone reads again
-                        token.release()
-                        held = False
-                elif self.streak >= burst > 0:  # a burst of quick requests: read in turn
+                if in_turn and not held:
                     token.acquire()
                     held = True
-                    if self.streak < burst:  # it ended while this thread waited
-                        token.release()
-                        held = False
                 try:
                     n = readv(fd, bufs)
                 except OSError as exc:
@@ -411,13 +411,9 @@ class Session:
                         return
                     raise
                 _, opcode, unique, nodeid, uid, gid, pid, _, _ = header(buf)
-                if opcode < limit and quick[opcode]:
-                    self.streak += 1
-                else:
-                    self.streak = 0
-                    if held:
-                        token.release()  # another thread reads on while this one works
-                        held = False
+                if held and (opcode >= limit or hands_over[opcode]):
+                    token.release()  # the next thread reads while this one works
+                    held = False
                 handler = table[opcode] if opcode < limit else None
                 if handler is None:
                     if self.debug:
@@ -465,15 +461,9 @@ class Session:
                 token.release()
 
 
-def _burst() -> int:
-    """AGENTFS_FUSE_BURST=N: quick requests in a row after which the threads read in
-    turn (0: never; see the module docstring)."""
-    raw = os.environ.get("AGENTFS_FUSE_BURST", "")
-    try:
-        return max(0, int(raw)) if raw else BURST
-    except ValueError:
-        log.warning("AGENTFS_FUSE_BURST=%r is not a number; using %d", raw, BURST)
-        return BURST
+def _in_turn() -> bool:
+    """Whether the threads read in turn (the default); AGENTFS_FUSE_TURNS=0: all read."""
+    return os.environ.get("AGENTFS_FUSE_TURNS", "") != "0"
 
 
 def _thread_count() -> int:
