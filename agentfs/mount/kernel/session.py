@@ -10,24 +10,24 @@ under the engine lock, write the reply with one system call.  It runs on THREADS
 threads, AGENTFS_FUSE_THREADS=N to change (1: a single thread), each with its own
 request buffer (the kernel hands each request to one reader).  The threads read *in
 turn*: only the thread holding the reader token waits in read(2); the others wait for
-the token.  The holder answers a request that is quick for the daemon itself and reads
-the next one, so a caller doing one thing after another (an editor saving, `cat`,
-appends, grep) talks to one thread that never sleeps between requests, as a
-single-threaded C server would.  Before a request that may wait for the disk or changes
-the host tree (HANDS_OVER: reads, writes, fsync, creates, deletes, renames, setattr) it
-hands the token to the next thread, which reads on meanwhile: the I/O of writes and
-creates still overlaps.  When every thread waited in read(2) (the kernel wakes the one
-that waited longest, never the one that just replied), each request woke a sleeping
-thread and the GIL and engine lock moved between threads: 6.4 voluntary context
-switches per appended file against fuse-overlayfs' 0.1, which in this VM cost more than
-the copy-up itself.  Side by side on the bench (`python -m bench --only
-fuse-overlayfs,agentfs,agentfs-env`, AGENTFS_BENCH_ENV=AGENTFS_FUSE_TURNS=0 for the
-previous scheme: all threads reading, reading in turn only after 32 lookups in a row):
-appends 133 -> 80 ms, grep 469 -> 398 ms, create 617 -> 582 ms, cold `git status` 222
--> 213 ms, warm 21 -> 17 ms, rm -rf level, untar 1.80 -> 2.04 s (its creates and
-setattrs each hand over: a wake-up more).  Handing over only before reads, writes and
-fsync cost untar 27% and cold git status 20%.  AGENTFS_FUSE_TURNS=0: every thread
-reads always (the scheme before reading in turn, for comparison).  (A first version of
+the token.  The holder answers a request itself and reads the next one, so a caller
+doing one thing after another (untar, an editor saving, appends, grep) talks to one
+thread that never sleeps between requests, as a single-threaded C server would.  Before
+a request in HANDS_OVER (reads, writes, fsync, mkdir, unlink, rmdir, renames, links) it
+hands the token to the next thread, which reads on meanwhile.  When every thread waited
+in read(2) (the kernel wakes the one that waited longest, never the one that just
+replied), each request woke a sleeping thread and the GIL and engine lock moved between
+threads: 6.4 voluntary context switches per appended file against fuse-overlayfs' 0.1,
+which on this VM cost more than the copy-up.  Which requests hand over was measured,
+each choice against the others on 3 interleaved fresh mounts (`/tmp` script timing the
+command and reading the daemon's context switches from /proc): creates and setattrs
+keep the token (create 2,000 files 784 -> 558 ms, untar 3,000 files 2.19 -> 1.23 s,
+its voluntary context switches 43,000 -> 5,800), mkdir hands over (keeping it: untar
+2.39 s), unlink and rmdir too (keeping them: `rm -rf` 1.13 -> 1.25 s); against every
+thread reading always (AGENTFS_FUSE_TURNS=0; the scheme before read in turn only
+during a run of 32 lookups, getattrs or listings): untar 1.94 -> 1.23 s, `rm -rf` 1.18
+-> 1.13 s, create 802 -> 558 ms, appends to 301 base files 212 -> 94 ms (voluntary
+context switches 2,030 -> 140; fuse-overlayfs 105 ms in the same rounds).  (A first version of
 reading in turn let the main thread pick up a buffer another thread had already bound:
 requests lost, fsync hung.  Fixed; since then the 8-worker stress, the mounted
 behaviour, model, policy and live-fork suites pass with 8.)  A handler
@@ -102,11 +102,11 @@ WANTED: Final = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES
 THREADS: Final = 8  # request threads; AGENTFS_FUSE_THREADS overrides
 # requests that are answered from memory or a system call or two: the thread that read
 # one answers it and reads the next itself (see the module docstring)
-# requests that may wait for the disk or change the host tree: the reader token goes
-# to the next thread before one of these is handled (see the module docstring)
+# requests before which the reader token goes to the next thread (see the module
+# docstring): data moved or synced, and directories changed other than by a new file
 HANDS_OVER: Final = tuple(op in {p.READ, p.WRITE, p.FSYNC, p.FALLOCATE, p.COPY_FILE_RANGE,
-                                 p.CREATE, p.MKDIR, p.MKNOD, p.SYMLINK, p.LINK, p.UNLINK,
-                                 p.RMDIR, p.RENAME, p.RENAME2, p.SETATTR}
+                                 p.MKDIR, p.MKNOD, p.SYMLINK, p.LINK, p.UNLINK, p.RMDIR,
+                                 p.RENAME, p.RENAME2}
                           for op in range(p.MAX_OPCODE))
 
 Reply: TypeAlias = "bytes | list[Any] | Unlocked | None"
