@@ -107,16 +107,15 @@ WANTED: Final = (p.ASYNC_READ | p.ATOMIC_O_TRUNC | p.BIG_WRITES
                  | p.MAX_PAGES | p.INIT_EXT)
 
 THREADS: Final = 8  # request threads; AGENTFS_FUSE_THREADS overrides
-# requests that are answered from memory or a system call or two: the thread that read
-# one answers it and reads the next itself (see the module docstring)
 # requests before which the reader token goes to the next thread (see the module
 # docstring): data moved or synced, and directories changed other than by a new file
 HANDS_OVER: Final = tuple(op in {p.READ, p.WRITE, p.FSYNC, p.FALLOCATE, p.COPY_FILE_RANGE,
                                  p.MKDIR, p.MKNOD, p.SYMLINK, p.LINK, p.UNLINK, p.RMDIR,
                                  p.RENAME, p.RENAME2}
                           for op in range(p.MAX_OPCODE))
-# requests that read the host tree's metadata: while the last of them waited for the
-# disk (took over COLD_US), the token goes on before them too, so cold lstats overlap
+# requests that read the host tree's metadata: while the last of them took over COLD_US
+# (mostly: it waited for the disk; also a long copy-up, or the engine lock), the token
+# goes on before them too, so cold lstats overlap
 READS_TREE: Final = tuple(op in {p.LOOKUP, p.GETATTR, p.OPEN, p.OPENDIR, p.READDIR,
                                  p.READDIRPLUS, p.ACCESS, p.READLINK}
                           for op in range(p.MAX_OPCODE))
@@ -489,21 +488,25 @@ def _in_turn() -> bool:
 
 
 def _cold_us() -> int:
-    raw = os.environ.get("AGENTFS_FUSE_COLD_US", "")
-    try:
-        return max(0, int(raw)) if raw else COLD_US
-    except ValueError:
-        log.warning("AGENTFS_FUSE_COLD_US=%r is not a number; using %d", raw, COLD_US)
-        return COLD_US
+    return _int_knob("AGENTFS_FUSE_COLD_US", COLD_US, 0, None)
 
 
 def _thread_count() -> int:
-    raw = os.environ.get("AGENTFS_FUSE_THREADS", "")
+    return _int_knob("AGENTFS_FUSE_THREADS", THREADS, 1, 64)
+
+
+def _int_knob(name: str, default: int, low: int, high: int | None) -> int:
+    """The integer in $*name*, clamped to [low, high]; *default* when unset or not a
+    number (which is logged)."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
     try:
-        return max(1, min(64, int(raw))) if raw else THREADS
+        value = max(low, int(raw))
     except ValueError:
-        log.warning("AGENTFS_FUSE_THREADS=%r is not a number; using %d", raw, THREADS)
-        return THREADS
+        log.warning("%s=%r is not a number; using %d", name, raw, default)
+        return default
+    return value if high is None else min(high, value)
 
 
 def _timed(opcode: int, handler: Handler, stats: dict[int, list[float]]) -> Handler:
